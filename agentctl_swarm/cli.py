@@ -1,0 +1,219 @@
+"""``agentctl``: the command line. Every error a person can cause is one line and a non-zero exit.
+
+Exit codes: 0 success, 1 error, 2 usage, 3 the swarm is not running (as ``systemctl status``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import SwarmError
+from .paths import SwarmPaths
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentctl", description="Run a swarm of AI coding agents.")
+    top = parser.add_subparsers(dest="group", required=True, metavar="{swarm,task}")
+    swarm = top.add_parser("swarm", help="start, stop and inspect the swarm").add_subparsers(
+        dest="cmd", required=True, metavar="COMMAND")
+    start = swarm.add_parser("start", help="run the supervisor in the foreground")
+    start.add_argument("--count", type=int, help="number of daemons (overrides the config)")
+    start.add_argument("--config", type=Path, help="config file (default ~/.agentctl/swarm.yaml)")
+    stop = swarm.add_parser("stop", help="stop the running swarm")
+    stop.add_argument("--no-wait", action="store_true", help="return without waiting for the stop")
+    status = swarm.add_parser("status", help="show the supervisor and every agent")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    scale = swarm.add_parser("scale", help="change the number of daemons (0 stops the swarm)")
+    scale.add_argument("count", type=int)
+    logs = swarm.add_parser("logs", help="show the supervisor's or one agent's log")
+    logs.add_argument("agent", nargs="?")
+    logs.add_argument("-f", "--follow", action="store_true")
+    swarm.add_parser("reload", help="re-read the config (as SIGHUP)")
+    unit = swarm.add_parser("install-unit", help="install the systemd user unit for this copy")
+    unit.add_argument("--force", action="store_true", help="overwrite an existing unit file")
+    check = swarm.add_parser("check-config", help="validate the config and exit")
+    check.add_argument("--config", type=Path)
+
+    task = top.add_parser("task", help="post and follow tasks").add_subparsers(
+        dest="cmd", required=True, metavar="COMMAND")
+    add = task.add_parser("add", help="post a task")
+    add.add_argument("prompt")
+    add.add_argument("--role", default="any", help="builder, auditor, qa, general or any")
+    add.add_argument("--id", help="task id (default: generated)")
+    add.add_argument("--json", action="store_true")
+    tlist = task.add_parser("list", help="list tasks")
+    tlist.add_argument("--json", action="store_true")
+    cancel = task.add_parser("cancel", help="cancel a task")
+    cancel.add_argument("id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    paths = SwarmPaths.for_home()
+    try:
+        return dispatch(args, paths)
+    except SwarmError as exc:
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING if type(exc).__name__ == "NotRunning" else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def dispatch(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    handler = globals().get(f"cmd_{args.group}_{args.cmd.replace('-', '_')}")
+    assert handler is not None, args.cmd
+    return int(handler(args, paths))
+
+
+def _call(paths: SwarmPaths, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    from .control.client import call
+    reply = call(paths.control_socket, cmd, args)
+    if not reply.get("ok"):
+        raise SwarmError(str(reply.get("error", "failed")))
+    return reply
+
+
+def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    from .config import load_config
+    from .supervisor import run_supervisor
+    if args.count is not None and not 0 < args.count <= 5000:
+        raise SwarmError(f"--count: expected 1 to 5000, got {args.count}")
+    config = load_config(args.config)
+    return run_supervisor(config, paths=paths, config_arg=args.config, count_override=args.count)
+
+
+def cmd_swarm_check_config(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    from .config import load_config
+    config = load_config(args.config)
+    print(f"{config.source or 'built-in defaults'}: ok ({config.count} daemons)")
+    return 0
+
+
+def cmd_swarm_stop(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    from .system.pidfile import running_pid
+    reply = _call(paths, "stop")
+    print(reply.get("message", "stopping"))
+    pid = running_pid(paths.pidfile)
+    deadline = time.monotonic() + 60
+    while not args.no_wait and pid and running_pid(paths.pidfile) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not args.no_wait and running_pid(paths.pidfile):
+        raise SwarmError(f"the swarm (pid {pid}) is still stopping after 60s")
+    return 0
+
+
+def cmd_swarm_status(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    reply = _call(paths, "status")
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(format_status(reply))
+    return 0
+
+
+def format_status(snap: dict[str, Any]) -> str:
+    sup = snap["supervisor"]
+    lines = [f"supervisor pid {sup['pid']}, up {sup['uptime_s']:.0f}s, relay {sup['agentchat_server']}, "
+             f"{len(snap['agents'])}/{sup['desired']} daemons, max-active {sup['max_active']}",
+             f"budget: {_budget(sup['budget'])}; memory: {sup['memory_enforcement']}; "
+             f"sandbox: {sup['sandbox']}"]
+    if sup.get("paused"):
+        lines.append(f"PROMOTIONS PAUSED: {sup['paused']}")
+    lines.append(f"{'AGENT':<24} {'STATUS':<10} {'PID':>7} {'RESTARTS':>8} {'HB AGE':>7} {'RSS MB':>7}  TASK")
+    for a in snap["agents"]:
+        task = a["task"] or ""
+        if task and a.get("task_elapsed_s") is not None:
+            task = f"{task} ({a['task_elapsed_s']:.0f}s)"
+        note = a.get("degraded_reason") or a.get("link_problem") or ""
+        lines.append(f"{a['name']:<24} {a['status']:<10} {a['pid'] or '-':>7} {a['restarts']:>8} "
+                     f"{_num(a['last_heartbeat_age_s']):>7} {_num(a['rss_mb']):>7}  {task} {note}".rstrip())
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _budget(b: dict[str, Any]) -> str:
+    limit = "unlimited" if b["limit"] is None else str(b["limit"])
+    return f"{b['used']}/{limit} tokens, ${b['cost_usd']:.2f}"
+
+
+def cmd_swarm_scale(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    print(_call(paths, "scale", {"count": args.count})["message"])
+    return 0
+
+
+def cmd_swarm_reload(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    reply = _call(paths, "reload")
+    print("config reloaded: " + (", ".join(reply["changes"]) or "no changes"))
+    return 0
+
+
+def cmd_swarm_logs(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    from .system.journal import read_logs
+    unit = os.environ.get("AGENTCTL_SWARM_UNIT") or _systemd_unit(paths)
+    return read_logs(args.agent, args.follow, log_dir=paths.log_dir, unit=unit)
+
+
+def _systemd_unit(paths: SwarmPaths) -> str | None:
+    """The unit name when the running supervisor is a systemd service."""
+    from .system.pidfile import running_pid
+    pid = running_pid(paths.pidfile)
+    if not pid:
+        return None
+    try:
+        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for part in cgroup.replace("\n", "/").split("/"):
+        if part.startswith("agentctl-swarm") and part.endswith(".service"):
+            return part
+    return None
+
+
+def cmd_swarm_install_unit(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    from .unit import install_user_unit
+    path = install_user_unit(force=args.force)
+    print(f"installed {path}; now: systemctl --user daemon-reload && systemctl --user start agentctl-swarm")
+    return 0
+
+
+def cmd_task_add(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    task = _call(paths, "task-add", {"prompt": args.prompt, "role": args.role, "id": args.id})["task"]
+    print(json.dumps(task) if args.json else f"task {task['id']} queued ({task['role']})")
+    return 0
+
+
+def cmd_task_list(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    tasks = _call(paths, "task-list")["tasks"]
+    if args.json:
+        print(json.dumps(tasks, indent=2))
+        return 0
+    print(f"{'ID':<20} {'ROLE':<8} {'STATE':<10} {'AGENT':<22} {'TOKENS':>8}  STARTED / FINISHED")
+    for t in tasks:
+        when = " / ".join(time.strftime("%H:%M:%S", time.localtime(x)) if x else "-"
+                          for x in (t["started"], t["finished"]))
+        print(f"{t['id']:<20} {t['role']:<8} {t['state']:<10} {t['agent'] or '-':<22} "
+              f"{t['tokens']:>8}  {when} {t['reason']}".rstrip())
+    return 0
+
+
+def cmd_task_cancel(args: argparse.Namespace, paths: SwarmPaths) -> int:
+    task = _call(paths, "task-cancel", {"id": args.id})["task"]
+    print(f"task {task['id']}: {task['state']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""Tasks: accept, announce, assign, gate promotion, requeue, persist.
+
+A task moves queued -> announced -> assigned -> running -> done | failed |
+blocked | cancelled, and back to queued when it was unclaimed, interrupted or
+failed for a retriable reason. Every change is written to ``state/tasks.json``
+atomically, so nothing a person posted is lost across a supervisor restart.
+
+With ``coordinator: builtin`` the supervisor's own agentchat identity answers
+CLAIMs with ASSIGN (the first valid claimer) or REJECTED; daemons trust ASSIGN
+only from that identity. With ``external`` someone else on the channel assigns,
+and this module only gates promotion and keeps the books.
+
+The promotion gate approves a daemon's request only while fewer than
+``max-active`` sessions run and neither the token budget nor the quota pause
+stops promotions. Denied tasks wait in a FIFO that is announced first when
+capacity frees up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from . import verbs
+from .budget import Budget
+from .state import read_json, write_json_atomic
+from .system.journal import log_fields
+
+if TYPE_CHECKING:
+    from .config import SwarmConfig
+    from .supervisor import Slot, Supervisor
+
+log = logging.getLogger("agentctl_swarm.coordinator")
+
+OPEN = ("queued", "announced", "assigned", "running")
+FINAL = ("done", "failed", "blocked", "cancelled")
+MAX_ATTEMPTS = 3
+ANNOUNCE_TIMEOUT_S = 30.0
+KEEP_FINISHED = 1000
+ROLES = ("builder", "auditor", "qa", "general", "any")
+
+
+class TaskError(Exception):
+    """A task request that cannot be accepted (one readable line)."""
+
+
+@dataclass
+class TaskRecord:
+    id: str
+    role: str
+    prompt: str
+    state: str = "queued"
+    agent: str | None = None
+    tokens: int = 0
+    cost_usd: float = 0.0
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    reason: str = ""
+    summary: str = ""
+    source: str = "cli"
+    announced_at: float | None = None
+    cancel_requested: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("announced_at", "cancel_requested")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskRecord | None":
+        names = {f.name for f in fields(cls)}
+        try:
+            record = cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError:
+            return None
+        ok = verbs.is_valid_task_id(record.id) and record.role in ROLES and \
+            record.state in OPEN + FINAL and isinstance(record.prompt, str)
+        return record if ok else None
+
+
+class Coordinator:
+    """The supervisor's task book and its voice on the work channel."""
+
+    def __init__(self, supervisor: "Supervisor") -> None:
+        self.sup = supervisor
+        self.tasks: dict[str, TaskRecord] = {}
+        self.fifo: deque[str] = deque()
+        self.budget = Budget(supervisor.paths.state_file("budget"), supervisor.config.token_budget)
+        self.client: Any = None
+        self.agent_id = ""
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._probing: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        for problem in (self._load(), self.budget.load()):
+            if problem:
+                log.warning("%s", problem, extra=log_fields(event="state"))
+        self.budget.limit = self.sup.config.token_budget
+        await self._connect()
+        if self.budget.quota_paused:
+            self._schedule_probe()
+
+    async def _connect(self) -> None:
+        from .agentchat.client import AgentChatClient
+        from .agentchat.identity import Identity, IdentityError
+        path = self.sup.paths.state_dir / "coordinator-identity.json"
+        try:
+            identity = Identity.load(path)
+        except (IdentityError, OSError):
+            identity = Identity.generate("swarm-coordinator")
+            identity.save(path)
+        self.agent_id = identity.agent_id
+        cfg = self.sup.config
+        self.client = AgentChatClient(self.sup.relay_url, identity, list(cfg.agentchat_channels),
+                                      on_message=self._on_chat, on_event=self._on_link_event,
+                                      send_interval=1.0 / cfg.agentchat_rate_limit
+                                      if cfg.agentchat_rate_limit else 0.0)
+        asyncio.get_running_loop().create_task(self.client.run())
+        await self.client.wait_connected(10.0)
+
+    async def stop(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+        self._save()
+        if self.client is not None:
+            await self.client.close()
+
+    def _on_link_event(self, event: str, detail: dict[str, Any]) -> None:
+        if event == "connected":
+            self.pump()
+        elif event in ("send_refused", "reconnect_failed", "error"):
+            log.warning("coordinator link: %s %s", event, detail, extra=log_fields(event=event))
+
+    @property
+    def work_channel(self) -> str:
+        return self.sup.config.work_channel
+
+    def say(self, verb: Any) -> None:
+        if self.client is not None:
+            self.client.send(self.work_channel, verbs.format(verb))
+
+    # ------------------------------------------------------------ persistence
+    def _load(self) -> str | None:
+        saved, problem = read_json(self.sup.paths.state_file("tasks"), {})
+        items = saved.get("tasks", []) if isinstance(saved, dict) else []
+        for item in items if isinstance(items, list) else []:
+            record = TaskRecord.from_dict(item) if isinstance(item, dict) else None
+            if record is not None:
+                self.tasks[record.id] = record
+        for record in self.tasks.values():
+            if record.state in ("announced", "assigned", "running"):
+                record.reason = record.reason or "supervisor restarted"
+                self._requeue(record, "supervisor restarted", count_attempt=record.state == "running")
+        return problem
+
+    def _save(self) -> None:
+        finished = sorted((t for t in self.tasks.values() if t.state in FINAL),
+                          key=lambda t: t.finished or 0)
+        for old in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            del self.tasks[old.id]
+        try:
+            write_json_atomic(self.sup.paths.state_file("tasks"),
+                              {"version": 1, "tasks": [t.public() for t in self.tasks.values()]})
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the swarm
+            log.error("tasks not saved: %s", exc, extra=log_fields(event="state"))
+
+    # ------------------------------------------------------------ commands
+    def add(self, prompt: str, role: str = "any", task_id: str | None = None,
+            source: str = "cli") -> TaskRecord:
+        prompt = " ".join(str(prompt).split())
+        if not prompt:
+            raise TaskError("the prompt is empty")
+        if role not in ROLES:
+            raise TaskError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+        task_id = task_id or f"t-{secrets.token_hex(4)}"
+        if not verbs.is_valid_task_id(task_id):
+            raise TaskError(f"invalid task id {task_id[:80]!r}: 1-64 of A-Z a-z 0-9 . _ -")
+        if task_id in self.tasks:
+            raise TaskError(f"task {task_id} already exists")
+        try:
+            verbs.format(verbs.Task(task_id, role, prompt))
+        except verbs.VerbError as exc:
+            raise TaskError(f"prompt cannot be sent: {exc}") from None
+        record = TaskRecord(task_id, role, prompt, created=time.time(), source=source)
+        self.tasks[task_id] = record
+        self._save()
+        log.info("task %s added (%s)", task_id, role, extra=log_fields(task=task_id, event="task-add"))
+        self.pump()
+        return record
+
+    def cancel(self, task_id: str) -> TaskRecord:
+        record = self.tasks.get(task_id)
+        if record is None:
+            raise TaskError(f"no task {task_id[:80]!r}")
+        if record.state in FINAL:
+            raise TaskError(f"task {task_id} is already {record.state}")
+        if record.state in ("assigned", "running") and record.agent in self.sup.slots:
+            record.cancel_requested = True
+            slot = self.sup.slots[record.agent]
+            if slot.channel is not None:
+                slot.channel.send({"t": "cancel", "task_id": task_id,
+                                   "grace": self.sup.config.shutdown_grace})
+        if record.state in ("queued", "announced") or not record.cancel_requested:
+            self._finish(record, "cancelled", "cancelled by operator")
+        self._save()
+        return record
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [t.public() for t in sorted(self.tasks.values(), key=lambda t: t.created)]
+
+    # ------------------------------------------------------------ the channel
+    def _on_chat(self, frame: dict[str, Any]) -> None:
+        content, sender = frame.get("content"), str(frame.get("from", ""))
+        if not isinstance(content, str) or frame.get("to") != self.work_channel:
+            return
+        if content.startswith("HEARTBEAT ") or sender == self.agent_id:
+            return
+        try:
+            verb = verbs.parse(content)
+        except verbs.VerbError as exc:
+            log.info("dropped malformed line from %s: %s", sender[:40], exc, extra=log_fields(event="bad-line"))
+            return
+        handler = getattr(self, f"_on_{type(verb).__name__.lower()}", None)
+        if handler is not None:
+            handler(verb, sender)
+
+    def _on_task(self, verb: verbs.Task, sender: str) -> None:
+        if verb.task_id in self.tasks:
+            return
+        record = TaskRecord(verb.task_id, verb.role, verb.prompt, state="announced",
+                            created=time.time(), source=f"channel {sender[:40]}",
+                            announced_at=time.monotonic())
+        self.tasks[verb.task_id] = record
+        self._save()
+        log.info("task %s posted on the channel by %s", verb.task_id, sender[:40],
+                 extra=log_fields(task=verb.task_id, event="task-add"))
+
+    def _on_claim(self, verb: verbs.Claim, sender: str) -> None:
+        if self.sup.config.coordinator != "builtin":
+            return
+        record = self.tasks.get(verb.task_id)
+        slot = self.sup.slots.get(verb.agent)
+        genuine = slot is not None and slot.agent_id == sender
+        if record is None or record.state != "announced" or not genuine:
+            if genuine or record is not None:
+                self.say(verbs.Rejected(verb.task_id, verb.agent))
+            return
+        record.state, record.agent = "assigned", verb.agent
+        self._save()
+        self.say(verbs.Assign(verb.task_id, verb.agent))
+        log.info("task %s assigned to %s", verb.task_id, verb.agent,
+                 extra=log_fields(agent=verb.agent, task=verb.task_id, event="assign"))
+
+    def _on_unclaim(self, verb: verbs.Unclaim, sender: str) -> None:
+        record = self.tasks.get(verb.task_id)
+        slot = self.sup.slots.get(verb.agent)
+        if record and record.agent == verb.agent and record.state == "assigned" and \
+                slot is not None and slot.agent_id == sender:
+            self._requeue(record, "unclaimed", count_attempt=False, front=True)
+
+    def _on_done(self, verb: Any, sender: str) -> None:
+        log.info("%s reports %s DONE: %s", verb.agent, verb.task_id, verb.summary[:200],
+                 extra=log_fields(agent=verb.agent, task=verb.task_id, event="done"))
+
+    def _on_fail(self, verb: Any, sender: str) -> None:
+        log.info("%s reports %s FAIL: %s", verb.agent, verb.task_id, verb.reason[:200],
+                 extra=log_fields(agent=verb.agent, task=verb.task_id, event="fail"))
+
+    _on_blocked = _on_fail
+
+    # ------------------------------------------------------------ announcing
+    def pump(self) -> None:
+        """Announce queued tasks (the denied FIFO first) while there is capacity."""
+        if self.sup.config.coordinator != "builtin" or self.client is None:
+            return
+        self._expire_announcements()
+        while self.budget.paused_reason() is None and self._capacity() > 0:
+            record = self._next_queued()
+            if record is None:
+                return
+            record.state, record.agent = "announced", None
+            record.announced_at = time.monotonic()
+            self.say(verbs.Task(record.id, record.role, record.prompt))
+            log.info("task %s announced", record.id, extra=log_fields(task=record.id, event="announce"))
+        self._save()
+
+    def _capacity(self) -> int:
+        busy = sum(1 for t in self.tasks.values() if t.state in ("announced", "assigned", "running"))
+        return self.sup.config.max_active - busy
+
+    def _next_queued(self) -> TaskRecord | None:
+        while self.fifo:
+            record = self.tasks.get(self.fifo.popleft())
+            if record is not None and record.state == "queued":
+                return record
+        queued = [t for t in self.tasks.values() if t.state == "queued"]
+        return min(queued, key=lambda t: t.created) if queued else None
+
+    def _expire_announcements(self) -> None:
+        """A task nobody claimed (no idle daemon of its role) goes back to the queue."""
+        now = time.monotonic()
+        for record in self.tasks.values():
+            if record.state == "announced" and record.source == "cli" and \
+                    now - (record.announced_at or now) > ANNOUNCE_TIMEOUT_S:
+                record.state = "queued"
+
+    # ------------------------------------------------------------ the promotion gate
+    def promote_requested(self, slot: "Slot", task_id: str) -> None:
+        reason = self._refusal(slot, task_id)
+        if reason is None:
+            record = self.tasks.get(task_id)
+            slot.task_id, slot.status = task_id, type(slot.status)("promoting")
+            slot.channel.send({"t": "approve", "task_id": task_id,  # type: ignore[union-attr]
+                               "prompt": record.prompt if record else ""})
+            log.info("promotion of %s for %s approved", slot.name, task_id, extra=slot.fields(event="promote"))
+            return
+        slot.channel.send({"t": "deny", "task_id": task_id, "reason": reason})  # type: ignore[union-attr]
+        log.info("promotion of %s for %s denied: %s", slot.name, task_id, reason,
+                 extra=slot.fields(event="promote-denied"))
+        record = self.tasks.get(task_id)
+        if record is not None and record.agent == slot.name and record.state == "assigned":
+            self._requeue(record, reason, count_attempt=False, front=True)
+
+    def _refusal(self, slot: "Slot", task_id: str) -> str | None:
+        record = self.tasks.get(task_id)
+        if self.sup.config.coordinator == "builtin" and \
+                (record is None or record.agent != slot.name or record.state != "assigned"):
+            return "not assigned to you"
+        if record is not None and record.cancel_requested:
+            return "cancelled"
+        paused = self.budget.paused_reason()
+        if paused:
+            return paused
+        active = sum(1 for s in self.sup.slots.values() if s.task_id)
+        if active >= self.sup.config.max_active:
+            return f"max-active {self.sup.config.max_active} reached"
+        return None
+
+    def session_started(self, slot: "Slot", task_id: str, pid: int) -> None:
+        if task_id != slot.task_id:
+            log.warning("%s reports a session for %s it was not approved for", slot.name, task_id[:64],
+                        extra=slot.fields(event="ipc"))
+            return
+        slot.session_pid, slot.task_started = pid, time.monotonic()
+        record = self.tasks.get(task_id)
+        if record is not None:
+            record.state, record.agent, record.started = "running", slot.name, time.time()
+            self._save()
+
+    def session_ended(self, slot: "Slot", msg: dict[str, Any]) -> None:
+        task_id = msg["task_id"]
+        if task_id != slot.task_id:
+            log.warning("%s reports the end of %s it was not running", slot.name, task_id[:64],
+                        extra=slot.fields(event="ipc"))
+            return
+        tokens, cost = max(0, int(msg["tokens"])), max(0.0, float(msg["cost_usd"]))
+        self.budget.add(tokens, cost)
+        slot.task_id = slot.session_pid = slot.task_started = None
+        if task_id == self._probing:
+            self._probe_done(msg)
+            return
+        record = self.tasks.get(task_id)
+        if record is not None:
+            record.tokens += tokens
+            record.cost_usd = round(record.cost_usd + cost, 6)
+            self._settle(record, msg)
+        if msg.get("quota"):
+            self.pause_for_quota(slot.name)
+        elif self.budget.exhausted:
+            log.warning("token budget spent (%s/%s): promotions paused", self.budget.used,
+                        self.budget.limit, extra=log_fields(event="budget"))
+        self.pump()
+
+    def _settle(self, record: TaskRecord, msg: dict[str, Any]) -> None:
+        outcome, reason = msg["outcome"], msg["reason"]
+        record.summary = str(msg.get("summary", ""))[:1000]
+        if record.cancel_requested:
+            self._finish(record, "cancelled", "cancelled by operator")
+        elif outcome == "done":
+            self._finish(record, "done", "")
+        elif outcome == "blocked":
+            self._finish(record, "blocked", reason)
+        elif msg.get("quota"):
+            self._requeue(record, "quota", count_attempt=False, front=True)
+        elif msg.get("retriable") and record.attempts + 1 < MAX_ATTEMPTS:
+            self._requeue(record, reason, count_attempt=True)
+        else:
+            record.attempts += 1
+            self._finish(record, "failed", reason)
+        log.info("task %s %s %s", record.id, record.state, record.reason,
+                 extra=log_fields(agent=record.agent, task=record.id, event=f"task-{record.state}"))
+
+    def task_interrupted(self, task_id: str, agent: str, reason: str) -> None:
+        record = self.tasks.get(task_id)
+        if record is None or record.agent != agent or record.state not in ("assigned", "running"):
+            return
+        if record.cancel_requested:
+            self._finish(record, "cancelled", "cancelled by operator")
+        elif record.attempts + 1 < MAX_ATTEMPTS:
+            self._requeue(record, f"interrupted: {reason}", count_attempt=True)
+        else:
+            record.attempts += 1
+            self._finish(record, "failed", f"interrupted: {reason}")
+        self._save()
+        self.pump()
+
+    def _requeue(self, record: TaskRecord, reason: str, *, count_attempt: bool, front: bool = False) -> None:
+        record.state, record.agent, record.reason = "queued", None, reason
+        record.started = None
+        if count_attempt:
+            record.attempts += 1
+        if front and record.id not in self.fifo:
+            self.fifo.append(record.id)
+        self._save()
+
+    def _finish(self, record: TaskRecord, state: str, reason: str) -> None:
+        record.state, record.reason, record.finished = state, reason, time.time()
+        self._save()
+
+    # ------------------------------------------------------------ quota
+    def pause_for_quota(self, agent: str) -> None:
+        if not self.budget.quota_paused:
+            log.error("quota exhausted (reported by %s): all promotions paused", agent,
+                      extra=log_fields(agent=agent, event="quota"))
+        self.budget.quota_paused, self.budget.quota_since = True, time.time()
+        self.budget.save()
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+        delay = self.sup.config.quota_probe_interval
+        self._probe_timer = asyncio.get_running_loop().call_later(delay, self._probe)
+
+    def _probe(self) -> None:
+        """Run one small session on an idle daemon to see if the quota is back."""
+        idle = [s for s in self.sup.slots.values() if s.status.value == "idle" and s.channel and not s.task_id]
+        if not idle or not self.budget.quota_paused:
+            self._schedule_probe() if self.budget.quota_paused else None
+            return
+        slot = idle[0]
+        self._probing = f"quota-probe-{secrets.token_hex(3)}"
+        slot.task_id = self._probing
+        slot.channel.send({"t": "approve", "task_id": self._probing, "probe": True,  # type: ignore[union-attr]
+                           "prompt": self.sup.config.quota_probe_prompt})
+        log.info("probing quota with %s", slot.name, extra=slot.fields(event="quota-probe"))
+
+    def _probe_done(self, msg: dict[str, Any]) -> None:
+        self._probing = None
+        if msg["outcome"] == "done" and not msg.get("quota"):
+            self.budget.quota_paused = False
+            self.budget.save()
+            log.info("quota restored: promotions resumed", extra=log_fields(event="quota-restored"))
+            self.pump()
+        else:
+            log.info("quota still exhausted (%s)", msg["reason"], extra=log_fields(event="quota-probe"))
+            self._schedule_probe()
+
+    # ------------------------------------------------------------ views
+    def config_changed(self, old: "SwarmConfig", new: "SwarmConfig") -> None:
+        self.budget.limit = new.token_budget
+        self.budget.save()
+        self.pump()
+
+    def paused_reason(self) -> str | None:
+        return self.budget.paused_reason()
+
+    def budget_line(self) -> str:
+        return self.budget.line()
+
+    def budget_dict(self) -> dict[str, Any]:
+        return self.budget.as_dict()

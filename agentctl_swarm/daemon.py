@@ -1,0 +1,355 @@
+"""One daemon per slot: idle on the work channel, claim tasks, run sessions.
+
+States (``Status``): starting -> idle -> promoting -> active -> demoting -> idle.
+Transitions live in ``TRANSITIONS`` and every change goes through ``_set_status``,
+which tells the supervisor. The daemon is told everything by the supervisor over
+its IPC socket (the ``boot`` message); it writes nothing outside its workspace
+and logs through the IPC channel, so the supervisor owns the log files.
+
+An idle daemon never starts a session on its own: an ASSIGN from the
+coordinator only makes it *ask* the supervisor (``promote``); it runs the
+session after ``approve`` and reports DONE, FAIL or BLOCKED when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+from collections import OrderedDict
+from enum import Enum
+from typing import Any
+
+from . import ipc, verbs, workspace
+from .workspace import ContextState, WorkspaceSpec
+
+log = logging.getLogger("agentctl_swarm.daemon")
+
+EXIT_OK = 0
+EXIT_BOOT_FAILED = 3  # workspace or identity could not be prepared: do not retry blindly
+CLAIM_JITTER_S = 0.3
+MAX_OFFERS = 64
+
+
+class Status(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    PROMOTING = "promoting"
+    ACTIVE = "active"
+    DEMOTING = "demoting"
+    STOPPING = "stopping"
+
+
+TRANSITIONS: dict[Status, set[Status]] = {
+    Status.STARTING: {Status.IDLE, Status.STOPPING},
+    Status.IDLE: {Status.PROMOTING, Status.STOPPING},
+    Status.PROMOTING: {Status.ACTIVE, Status.DEMOTING, Status.STOPPING},
+    Status.ACTIVE: {Status.DEMOTING, Status.STOPPING},
+    Status.DEMOTING: {Status.IDLE, Status.STOPPING},
+    Status.STOPPING: set(),
+}
+
+
+def preload() -> None:
+    """Import and warm what a daemon needs (called by the fork-server before fork)."""
+    import json  # noqa: F401
+    from .agentchat import client  # noqa: F401
+    from .agentchat.identity import Identity
+    from . import session  # noqa: F401
+    identity = Identity.generate("warmup")
+    identity.sign_auth("nonce", "challenge", 0)
+    verbs.parse("HEARTBEAT warmup idle")
+
+
+class IpcLogHandler(logging.Handler):
+    """Sends log records to the supervisor, which writes files and the journal."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        super().__init__(logging.INFO)
+        self.daemon = daemon
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = {"t": "log", "level": record.levelname.lower(), "msg": record.getMessage()[:4000]}
+        for key in ("task", "event"):
+            value = getattr(record, key, None)
+            if isinstance(value, str):
+                msg[key] = value
+        self.daemon.send_ipc(msg)
+
+
+class Daemon:
+    """The daemon's event loop side; one instance per process."""
+
+    def __init__(self, ipc_sock: socket.socket) -> None:
+        self.sock = ipc_sock
+        self.status = Status.STARTING
+        self.boot: dict[str, Any] = {}
+        self.spec: WorkspaceSpec | None = None
+        self.client: Any = None
+        self.channel: ipc.Channel | None = None
+        self.offers: OrderedDict[str, str] = OrderedDict()  # task id -> prompt
+        self.claimed: str | None = None  # task we claimed and await ASSIGN/approval for
+        self.runner: Any = None  # the TaskRunner of the active task
+        self._booted: asyncio.Future[dict[str, Any]] | None = None
+        self._stopped: asyncio.Future[int] | None = None
+        self._hb: asyncio.TimerHandle | None = None
+
+    # --- lifecycle -------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._booted = loop.create_future()
+        self._stopped = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        self.channel = await ipc.open_channel(self.sock, self._on_ipc, self._on_ipc_closed)
+        self.send_ipc({"t": "hello", "pid": os.getpid(), "name": ""})
+        self.boot = await self._booted
+        root = logging.getLogger()
+        for handler in list(root.handlers):  # from here on the supervisor writes our logs
+            root.removeHandler(handler)
+        root.addHandler(IpcLogHandler(self))
+        root.setLevel(logging.INFO)
+        try:
+            identity = self._prepare()
+        except Exception as exc:  # noqa: BLE001 - reported, then a distinct exit code
+            self.send_ipc({"t": "fatal", "reason": f"boot failed: {exc}"[:2000]})
+            await asyncio.sleep(0.05)
+            return EXIT_BOOT_FAILED
+        self._start_link(identity)
+        self._report_interrupted()
+        self._set_status(Status.IDLE)
+        code = await self._stopped
+        await self._shutdown()
+        return code
+
+    def _prepare(self) -> Any:
+        self.spec = WorkspaceSpec(**self.boot["workspace"])
+        return workspace.prepare(self.spec)
+
+    def _start_link(self, identity: Any) -> None:
+        from .agentchat.client import AgentChatClient
+        self.client = AgentChatClient(
+            self.boot["server"], identity, list(self.boot["channels"]),
+            on_message=self._on_chat, on_event=self._on_link_event,
+            send_interval=float(self.boot.get("send_interval", 1.0)))
+        asyncio.get_running_loop().create_task(self.client.run())
+
+    def request_stop(self, why: str = "") -> None:
+        if self._stopped is not None and not self._stopped.done():
+            log.info("stopping (%s)", why or "requested", extra={"event": "stop"})
+            self._stopped.set_result(EXIT_OK)
+
+    async def _shutdown(self) -> None:
+        if self._hb is not None:
+            self._hb.cancel()
+        if self.runner is not None:
+            await self.runner.cancel(float(self.boot.get("shutdown_grace", 10.0)))
+        self.status = Status.STOPPING
+        if self.client is not None:
+            await self.client.close()
+        if self.channel is not None:
+            self.channel.close()
+
+    # --- IPC -------------------------------------------------------------
+    def send_ipc(self, msg: dict[str, Any]) -> None:
+        if self.channel is not None:
+            self.channel.send(msg)
+
+    def _on_ipc_closed(self, exc: Exception | None) -> None:
+        self.request_stop("supervisor closed the IPC channel")
+
+    def _on_ipc(self, msg: dict[str, Any]) -> None:
+        handler = getattr(self, f"_ipc_{msg['t']}", None)
+        if handler is None:
+            log.warning("unknown IPC message %r from the supervisor", msg["t"])
+            return
+        handler(msg)
+
+    def _ipc_boot(self, msg: dict[str, Any]) -> None:
+        if self._booted is not None and not self._booted.done():
+            self._booted.set_result(msg)
+
+    def _ipc_set(self, msg: dict[str, Any]) -> None:
+        """Settings that apply at once (reload)."""
+        for key in ("heartbeat_interval", "status_interval", "max_task_duration"):
+            if key in msg:
+                self.boot[key] = msg[key]
+        self._schedule_heartbeat()
+
+    def _ipc_approve(self, msg: dict[str, Any]) -> None:
+        task_id = msg.get("task_id")
+        probe = bool(msg.get("probe"))
+        if (task_id != self.claimed and not probe) or self.status is not Status.IDLE:
+            self.send_ipc({"t": "log", "level": "warning", "event": "promote",
+                           "msg": f"approval for {task_id} that is not pending; ignored"})
+            return
+        from .taskrunner import TaskRunner
+        prompt = self.offers.get(task_id, msg.get("prompt", ""))
+        self.runner = TaskRunner(self, str(task_id), str(msg.get("prompt") or prompt), probe=probe)
+        asyncio.get_running_loop().create_task(self.runner.run())
+
+    def _ipc_deny(self, msg: dict[str, Any]) -> None:
+        task_id = msg.get("task_id")
+        if task_id == self.claimed:
+            self.claimed = None
+            self.say(verbs.format(verbs.Unclaim(task_id, self.name)))
+            log.info("promotion of %s denied (%s); unclaimed", task_id, msg.get("reason", ""),
+                     extra={"task": task_id, "event": "unclaim"})
+
+    def _ipc_cancel(self, msg: dict[str, Any]) -> None:
+        if self.runner is not None and self.runner.task_id == msg.get("task_id"):
+            asyncio.get_running_loop().create_task(self.runner.cancel(float(msg.get("grace", 10))))
+
+    def _ipc_stop(self, msg: dict[str, Any]) -> None:
+        self.request_stop("supervisor asked")
+
+    # --- status and heartbeats --------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name if self.spec else "?"
+
+    @property
+    def role(self) -> str:
+        return self.spec.role if self.spec else "general"
+
+    @property
+    def work_channel(self) -> str:
+        return str(self.boot["channels"][0])
+
+    def _set_status(self, new: Status) -> None:
+        if new not in TRANSITIONS[self.status]:
+            log.error("refused status change %s -> %s", self.status.value, new.value)
+            return
+        self.status = new
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Heartbeat now (channel and supervisor), then every heartbeat-interval."""
+        connected = bool(self.client is not None and self.client.connected)
+        if connected:
+            self.say(verbs.format(verbs.Heartbeat(self.name, self.status.value)))
+        queued = int(getattr(self.client, "queued", 0) or 0)
+        self.send_ipc({"t": "heartbeat", "status": self.status.value, "connected": connected,
+                       "queued": queued})
+        self._schedule_heartbeat()
+
+    def _schedule_heartbeat(self) -> None:
+        if self._hb is not None:
+            self._hb.cancel()
+        interval = float(self.boot.get("heartbeat_interval", 30.0))
+        self._hb = asyncio.get_running_loop().call_later(interval, self.heartbeat)
+
+    def say(self, line: str) -> None:
+        """Send one line to the work channel (queued while disconnected)."""
+        if self.client is not None:
+            self.client.send(self.work_channel, line)
+
+    def _on_link_event(self, event: str, detail: dict[str, Any]) -> None:
+        if event == "connected":
+            self.send_ipc({"t": "ready", "agent_id": str(detail.get("agent_id", "")),
+                           "lurk": bool(detail.get("lurk", False))})
+            if detail.get("lurk"):
+                log.warning("agentchat says this identity is lurking (lurk_until %s)",
+                            detail.get("lurk_until"), extra={"event": "lurk"})
+            self.heartbeat()
+            return
+        safe = {k: v for k, v in detail.items() if isinstance(v, (str, int, float, bool))}
+        self.send_ipc({"t": "link", "event": event[:64], "detail": safe})
+
+    # --- the work channel --------------------------------------------------
+    def _on_chat(self, frame: dict[str, Any]) -> None:
+        content = frame.get("content")
+        if not isinstance(content, str) or frame.get("to") not in self.boot["channels"]:
+            return
+        if content.startswith("HEARTBEAT "):
+            return  # the common case, and nothing for a daemon to do
+        try:
+            verb = verbs.parse(content)
+        except verbs.VerbError as exc:
+            log.info("dropped malformed line from %s: %s", str(frame.get("from"))[:40], exc,
+                     extra={"event": "bad-line"})
+            return
+        if verb is not None:
+            self._on_verb(verb, str(frame.get("from", "")))
+
+    def _on_verb(self, verb: Any, sender: str) -> None:
+        if isinstance(verb, verbs.Task):
+            self._offered(verb)
+        elif isinstance(verb, verbs.Claim) and verb.agent != self.name:
+            self.offers.pop(verb.task_id, None)  # someone was faster; do not pile on
+        elif isinstance(verb, (verbs.Assign, verbs.Rejected)):
+            self._decided(verb, sender)
+
+    def _offered(self, task: Any) -> None:
+        if task.role not in ("any", self.role) or self.status is not Status.IDLE or self.claimed:
+            return
+        self.offers[task.task_id] = task.prompt
+        while len(self.offers) > MAX_OFFERS:
+            self.offers.popitem(last=False)
+        delay = random.uniform(0, CLAIM_JITTER_S)
+        asyncio.get_running_loop().call_later(delay, self._claim, task.task_id)
+
+    def _claim(self, task_id: str) -> None:
+        if task_id not in self.offers or self.claimed or self.status is not Status.IDLE:
+            return
+        self.claimed = task_id
+        self.say(verbs.format(verbs.Claim(task_id, self.name)))
+
+    def _decided(self, verb: Any, sender: str) -> None:
+        coordinator = self.boot.get("coordinator_id")
+        if coordinator and sender != coordinator:
+            log.warning("ignored %s for %s from %s: not the coordinator", type(verb).__name__.upper(),
+                        verb.task_id, sender[:40], extra={"event": "spoof"})
+            return
+        if verb.agent != self.name or verb.task_id != self.claimed:
+            if verb.task_id == self.claimed and isinstance(verb, verbs.Assign):
+                self.claimed = None  # assigned to someone else
+            return
+        if isinstance(verb, verbs.Rejected):
+            self.claimed = None
+            return
+        self.send_ipc({"t": "promote", "task_id": verb.task_id})
+
+    def _report_interrupted(self) -> None:
+        """A task recorded as running in context.md was interrupted by a crash."""
+        assert self.spec is not None
+        state = workspace.read_context(self.spec)
+        if state.state not in ("active", "promoting") or not state.task_id:
+            return
+        if not verbs.is_valid_task_id(state.task_id):
+            log.warning("context.md names an invalid task id; ignored", extra={"event": "context"})
+            return
+        log.warning("task %s was interrupted (daemon restarted)", state.task_id,
+                    extra={"task": state.task_id, "event": "interrupted"})
+        self.send_ipc({"t": "interrupted", "task_id": state.task_id, "started": state.started or ""})
+        self.say(verbs.format(verbs.Fail(state.task_id, self.name, "interrupted")))
+        workspace.write_context(self.spec, ContextState(extra={"last_task": state.task_id}),
+                                f"Task {state.task_id} was interrupted when the daemon restarted.")
+
+
+def _run(ipc_fd: int) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    sock = socket.socket(fileno=ipc_fd)
+    sock.setblocking(False)
+    return asyncio.run(Daemon(sock).run())
+
+
+def main_forked(ipc_fd: int) -> int:
+    """Entry point in a child forked by the fork-server (after apply_in_child)."""
+    return _run(ipc_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentctl-swarm-daemon")
+    parser.add_argument("--ipc-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    return _run(args.ipc_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The fork-server (zygote): preload once, fork each daemon in about a millisecond.
+
+Design note
+-----------
+Starting a daemon with ``exec`` costs a fresh interpreter and ~100 ms of imports
+(websockets, cryptography, yaml). The fork-server pays that once: it imports
+everything a daemon needs, warms the code paths that initialise lazily (an
+Ed25519 sign, a JSON round trip), then ``gc.freeze()``s the heap so forked
+children do not dirty the shared pages when the collector walks them.
+
+Protocol (SOCK_SEQPACKET, one JSON object per message): the supervisor sends
+``{"id", "plan"}`` with the daemon's IPC socket attached (SCM_RIGHTS); the
+fork-server answers ``{"id", "pid"}`` or ``{"id", "error"}``. It first sends
+``{"ready": true}`` once preloaded.
+
+Each request is served by a double fork. The intermediate child forks the
+daemon, sends the daemon's PID back and exits; the daemon is thereby reparented
+to the supervisor (a child subreaper), which reaps it and learns its exit status
+directly. The fork-server ignores SIGCHLD, so the kernel reaps its intermediates. It exits when
+the supervisor closes the socket, and dies with the supervisor (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+
+MAX_REQUEST = 64 * 1024
+
+
+def preload() -> None:
+    """Import and warm everything a daemon touches, before freezing the heap."""
+    import asyncio  # noqa: F401
+    import asyncio.unix_events  # noqa: F401
+    from . import daemon
+    daemon.preload()
+    gc.collect()
+    gc.freeze()
+
+
+def serve(sock: socket.socket) -> int:
+    """Answer spawn requests until the supervisor hangs up."""
+    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 4)
+        except InterruptedError:
+            continue
+        except OSError:
+            return 1
+        if not data:
+            return 0
+        _handle(sock, data, fds)
+
+
+def _handle(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    req_id = -1
+    try:
+        req = json.loads(data)
+        req_id = int(req["id"])
+        if len(fds) != 1:
+            raise ValueError(f"expected 1 descriptor, got {len(fds)}")
+        _spawn(sock, req_id, req["plan"], fds[0])
+    except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
+        _reply(sock, {"id": req_id, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> None:
+    from .spawner import LaunchPlan
+    plan = LaunchPlan.from_json(plan_json)
+    plan.keep_fds = (ipc_fd,)
+    if os.fork() != 0:
+        return  # the server: the intermediate answers for us
+    try:
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _run_daemon(plan, ipc_fd)
+        _reply(sock, {"id": req_id, "pid": pid})
+    finally:
+        os._exit(0)
+
+
+def _run_daemon(plan, ipc_fd: int) -> None:  # type: ignore[no-untyped-def]
+    from . import daemon
+    from .spawner import apply_in_child
+    apply_in_child(plan)
+    code = 1
+    try:
+        code = daemon.main_forked(ipc_fd)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _reply(sock: socket.socket, msg: dict) -> None:
+    try:
+        sock.send(json.dumps(msg).encode())
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentctl-swarm-forkserver")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    # Our only children are the intermediates: let the kernel reap them.
+    # (apply_in_child resets SIGCHLD in each daemon.)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    preload()
+    return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

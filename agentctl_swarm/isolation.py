@@ -1,0 +1,106 @@
+"""The supervisor's side of confinement: which sandbox, which paths, which secrets.
+
+``system/sandbox.py`` knows how to confine a process (Landlock or bubblewrap).
+This module decides, per agent, what the confinement allows and which secrets
+the agent is granted, and turns that into a JSON spec the daemon carries to the
+moment a session is spawned (``spawner.apply_in_child`` or a bwrap argv).
+
+``sandbox: auto`` on a machine that offers no confinement runs sessions
+unconfined after a loud warning; ``landlock`` or ``bwrap`` that cannot be applied
+makes every session refuse to start, with the reason, while the swarm itself runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .system import sandbox
+from .system.journal import log_fields
+
+if TYPE_CHECKING:
+    from .config import SwarmConfig
+
+log = logging.getLogger("agentctl_swarm.isolation")
+
+
+class Isolation:
+    """The confinement in force for this swarm, and each agent's grants."""
+
+    def __init__(self, config: "SwarmConfig", kind: sandbox.SandboxKind | None, error: str = "") -> None:
+        self.config = config
+        self.kind = kind
+        self.error = error
+
+    @classmethod
+    def detect(cls, config: "SwarmConfig") -> "Isolation":
+        try:
+            kind = sandbox.choose(config.sandbox)
+        except sandbox.SandboxError as exc:
+            log.error("sandbox %s cannot be applied: %s; sessions will refuse to start",
+                      config.sandbox, exc, extra=log_fields(event="sandbox"))
+            return cls(config, None, str(exc))
+        if kind is sandbox.SandboxKind.NONE and config.sandbox == "auto":
+            log.warning("NO SANDBOX: this machine offers neither Landlock nor bubblewrap; agent "
+                        "sessions run unconfined with the supervisor user's rights",
+                        extra=log_fields(event="sandbox"))
+        return cls(config, kind)
+
+    @property
+    def description(self) -> str:
+        if self.kind is None:
+            return f"unavailable ({self.config.sandbox}): {self.error}"
+        return sandbox.describe(self.kind)
+
+    def sandbox_spec(self, name: str, workspace: Path) -> dict[str, Any] | None:
+        """The spec a daemon needs to confine its sessions; None when sandbox is off."""
+        if self.kind is None:
+            return {"kind": "unavailable", "error": self.error}
+        if self.kind is sandbox.SandboxKind.NONE:
+            return None
+        role = _role_of(self.config, name)
+        extra = [str(p) for p in self.config.sandbox_allow_read]
+        extra += [str(s.file) for s in self.config.secrets_for(name, role) if s.path]
+        policy = sandbox.session_policy(workspace, workspace / ".tmp",
+                                        agent_command=self.config.for_role(role).command[0],
+                                        extra_read=extra)
+        return {"kind": self.kind.value, "policy": {"read_write": list(policy.read_write),
+                                                    "read_only": list(policy.read_only)}}
+
+    def env_grants(self, name: str, role: str) -> list[dict[str, str]]:
+        """Secrets granted to one agent: env vars filled from files, files shown in the workspace."""
+        grants = []
+        for secret in self.config.secrets_for(name, role):
+            grant = {"name": secret.name, "file": str(secret.file)}
+            if secret.env:
+                grant["env"] = secret.env
+            if secret.path:
+                grant["path"] = secret.path
+            grants.append(grant)
+        return grants
+
+
+def _role_of(config: "SwarmConfig", name: str) -> str:
+    for role in ("builder", "auditor", "qa", "general"):
+        if f"-{role}-" in name or name.startswith(f"{role}-"):
+            return role
+    return "general"
+
+
+def policy_from_spec(spec: dict[str, Any]) -> sandbox.SandboxPolicy:
+    policy = spec["policy"]
+    return sandbox.SandboxPolicy(read_write=tuple(policy["read_write"]),
+                                 read_only=tuple(policy["read_only"]))
+
+
+def apply_sandbox_spec(spec: dict[str, Any]) -> None:
+    """In the child, before exec: confine it as the spec says."""
+    if spec.get("kind") == "landlock":
+        sandbox.apply_landlock(policy_from_spec(spec))
+    elif spec.get("kind") == "unavailable":
+        raise sandbox.SandboxError(str(spec.get("error", "sandbox unavailable")))
+
+
+def bwrap_argv_from_spec(spec: dict[str, Any], argv: list[str], *, cwd: str) -> list[str]:
+    return sandbox.bwrap_argv(policy_from_spec(spec), argv, cwd=cwd)

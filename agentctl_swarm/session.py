@@ -1,0 +1,860 @@
+"""One agent session: run `claude -p`, parse its stream-json, classify the outcome.
+
+Design note (OS behaviour this module relies on)
+-------------------------------------------------
+* Process group. The child is started with ``start_new_session=True``, so it leads
+  a new session and process group and ``pgid == pid``. Every signal goes to the
+  group (``os.killpg``): the agent's tool processes (Bash commands, test runners)
+  die with it. When the leader has exited, the group gets one more SIGKILL so
+  nothing the agent started in the background outlives the session. The kernel
+  does not hand out a PID while a process group of that number still has
+  members, so the only reuse window is between asyncio reaping an empty group's
+  leader and our ``killpg`` a few microseconds later; we accept it.
+* Reading. stdout is read in 64 KiB chunks and split into lines here, with a
+  4 MiB cap per line. A longer line is dropped (and counted) and reading goes on:
+  ``StreamReader.readline`` would raise and lose its place instead. The daemon
+  keeps a session for hours, so nothing accumulates: the parser keeps running
+  totals, a bounded map of recent message ids and a 4 KB text tail; stderr keeps
+  an 8 KB tail.
+* Exit versus EOF. A grandchild that inherited stdout keeps the pipe open after
+  the leader exits. So we wait for the leader's exit status (not for EOF), kill
+  the group, then give the readers a short time to drain what is buffered.
+* Deadlines. ``max_duration`` counts from ``start()``. On expiry, and on
+  ``terminate()``: SIGTERM to the group, SIGKILL ``grace`` seconds later.
+* Classification. The final ``result`` line is authoritative; texts from other
+  lines (synthetic assistant messages, plain text, stderr) count only when the
+  run did not end cleanly, because a model may well *write* "Prompt is too long"
+  in a successful answer. Facts: /work/shared/claude-cli-facts.md.
+
+Retriable reasons (the coordinator re-announces these): ``quota`` (after the
+probe says quota is back), ``api-error`` (overload, throttle, 5xx), ``killed-*``
+(a crash or a kill from outside), ``cancelled`` (our own shutdown). Not
+retriable, because a rerun would most likely fail the same way while spending
+budget: ``timeout``, ``oom``, ``context-overflow``, ``sandbox-denied``,
+``error-max-turns``, ``error-max-budget``, ``exit-N``, ``spawn-failed``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime
+import enum
+import json
+import logging
+import os
+import pwd
+import re
+import signal as signal_mod
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+LINE_LIMIT = 4 * 1024 * 1024
+STDERR_LINE_LIMIT = 64 * 1024
+READ_CHUNK = 64 * 1024
+TAIL_CHARS = 4096
+STDERR_TAIL_CHARS = 8192
+SUMMARY_MAX = 300
+STATUS_MAX = 120
+DRAIN_TIMEOUT = 2.0
+MESSAGE_IDS_KEPT = 256
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_CTRL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]+")
+_SPACES_RE = re.compile(r"\s+")
+_QUOTA_RE = re.compile(
+    r"you(?:'|\u2019)ve hit your (?:\w+ )?limit|usage limit reached|credit balance is too low"
+    r"|request rejected \(429\)", re.I)
+_THROTTLE_RE = re.compile(r"temporarily limiting requests", re.I)
+_LIMIT_WORD_RE = re.compile(r"\blimit\b", re.I)
+_RESETS_RE = re.compile(r"\bresets?\s+(?:at\s+)?([^\n|\u00b7]{1,40}?)\s*(?:$|[|\u00b7.(])", re.I)
+_EPOCH_RE = re.compile(r"usage limit reached\|(\d{9,11})", re.I)
+_OVERFLOW_RE = re.compile(
+    r"prompt is too long|input length and `?max_tokens`? exceed context limit", re.I)
+_OOM_RE = re.compile(r"MemoryError|Cannot allocate memory|JavaScript heap out of memory", re.I)
+_QUOTA_ERRORS = {"rate_limit", "billing_error"}
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Outcome(str, enum.Enum):
+    DONE = "done"
+    FAIL = "fail"
+    BLOCKED = "blocked"
+
+
+RETRIABLE_REASONS = frozenset({"quota", "api-error", "cancelled"})
+
+
+def is_retriable(reason: str) -> bool:
+    """The policy in the module docstring, in one place."""
+    return reason in RETRIABLE_REASONS or reason.startswith("killed-")
+
+
+def one_line(text: str, limit: int) -> str:
+    """Text safe for one wire line: control/bidi characters removed, ≤ limit chars."""
+    flat = _SPACES_RE.sub(" ", _CTRL_RE.sub(" ", text)).strip()
+    if len(flat) <= limit:
+        return flat
+    return flat[: max(0, limit - 1)].rstrip() + "\u2026"
+
+
+def _int(value: Any) -> int:
+    """Token counts from untrusted JSON: non-negative ints or 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+@dataclasses.dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "Usage":
+        if not isinstance(obj, dict):
+            return cls()
+        return cls(*(_int(obj.get(f.name)) for f in dataclasses.fields(cls)))
+
+    @property
+    def total(self) -> int:
+        return (self.input_tokens + self.output_tokens
+                + self.cache_creation_input_tokens + self.cache_read_input_tokens)
+
+    def add(self, other: "Usage", sign: int = 1) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + sign * getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionResult:
+    outcome: Outcome
+    reason: str
+    summary: str
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    cost_usd: float = 0.0
+    exit_code: int | None = None
+    signal: int | None = None
+    duration_s: float = 0.0
+    quota: bool = False
+    quota_resets_at: str | None = None
+    retriable: bool = False
+    permission_denials: list[dict] = dataclasses.field(default_factory=list)
+    session_id: str | None = None
+    partial_output: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["outcome"] = self.outcome.value
+        return data
+
+
+def _epoch_to_iso(value: Any) -> str | None:
+    """resetsAt comes as epoch seconds (or ms); anything else is kept as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        seconds = value / 1000 if value > 1e11 else value
+        stamp = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+        return stamp.isoformat(timespec="seconds")
+    return one_line(value, 60) or None if isinstance(value, str) else None
+
+
+def _resets_from_text(text: str) -> str | None:
+    match = _EPOCH_RE.search(text)
+    if match:
+        return _epoch_to_iso(int(match.group(1)))
+    match = _RESETS_RE.search(text)
+    return match.group(1).strip() if match else None
+
+
+def _texts(content: Any) -> Iterable[str]:
+    """The text blocks of a message content (string or list of blocks)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for block in content:
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                yield block["text"]
+
+
+def _tool_label(block: dict, cwd: str | None) -> str:
+    """'Write fake-output.txt', 'Bash pytest -q': the tool and its main argument."""
+    args = block.get("input") if isinstance(block.get("input"), dict) else {}
+    arg = next((args[k] for k in ("file_path", "path", "command", "pattern", "url", "description")
+                if isinstance(args.get(k), str)), "")
+    if cwd and arg.startswith(cwd.rstrip("/") + "/"):
+        arg = arg[len(cwd.rstrip("/")) + 1:]
+    return ("%s %s" % (block.get("name", "?"), arg)).strip()
+
+
+class StreamParser:
+    """Incremental reader of `claude -p --output-format stream-json` output.
+
+    Tolerant by design: a line that is not a JSON object is plain text (the
+    agent command may not be claude at all, or claude may print text). Keeps
+    bounded state only.
+    """
+
+    def __init__(self) -> None:
+        self.init: dict | None = None
+        self.result: dict | None = None
+        self.session_id: str | None = None
+        self.lines = 0
+        self.text_lines = 0
+        self.last_text = ""
+        self.quota_text: str | None = None
+        self.rate_limit_rejected = False
+        self.resets_at: str | None = None
+        self.overflow_text: str | None = None
+        self.assistant_error: str | None = None
+        self._tail = ""
+        self._stream_usage = Usage()
+        self._by_message: collections.OrderedDict[str, Usage] = collections.OrderedDict()
+
+    # ---- feeding -------------------------------------------------------------
+    def feed(self, line: str) -> str | None:
+        """Take one output line; return a short status text when it is worth forwarding."""
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            return None
+        self.lines += 1
+        obj = self._json(line)
+        if obj is None:
+            return self._on_text(line)
+        handler = {"system": self._on_system, "assistant": self._on_assistant,
+                   "user": self._on_user, "result": self._on_result,
+                   "rate_limit_event": self._on_rate_limit}.get(obj.get("type"))
+        if isinstance(obj.get("session_id"), str):
+            self.session_id = obj["session_id"]
+        return handler(obj) if handler else None
+
+    @staticmethod
+    def _json(line: str) -> dict | None:
+        if not line.lstrip().startswith("{"):
+            return None
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def _on_text(self, line: str) -> str | None:
+        self.text_lines += 1
+        self._remember(line)
+        self._scan_errors(line)
+        return one_line(line, STATUS_MAX) or None
+
+    def _on_system(self, obj: dict) -> str | None:
+        subtype = obj.get("subtype")
+        if subtype == "init":
+            self.init = obj
+            return "session started (model %s)" % one_line(str(obj.get("model", "?")), 60)
+        if subtype == "compact_boundary":
+            return "context compacted"
+        if subtype == "api_retry":
+            return "API retry"
+        return None
+
+    def _on_assistant(self, obj: dict) -> str | None:
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        self._count_usage(message)
+        error = obj.get("error") if isinstance(obj.get("error"), str) else None
+        synthetic = error is not None or message.get("model") == "<synthetic>"
+        if error:
+            self.assistant_error = error
+        status = None
+        for block in message.get("content") if isinstance(message.get("content"), list) else []:
+            status = self._on_block(block, synthetic, error) or status
+        return status
+
+    def _on_block(self, block: Any, synthetic: bool, error: str | None) -> str | None:
+        if not isinstance(block, dict):
+            return None
+        if block.get("type") == "tool_use":
+            return "tool: " + one_line(_tool_label(block, self._cwd()), STATUS_MAX)
+        text = block.get("text")
+        if block.get("type") != "text" or not isinstance(text, str) or not text.strip():
+            return None
+        self._remember(text)
+        if synthetic:
+            self._scan_errors(text, quota_hint=error in _QUOTA_ERRORS)
+        return "assistant: " + one_line(text, STATUS_MAX)
+
+    def _on_user(self, obj: dict) -> str | None:
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        content = message.get("content") if isinstance(message.get("content"), list) else []
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result" and block.get("is_error"):
+                text = " ".join(_texts(block.get("content")))
+                return "tool error: " + one_line(text, STATUS_MAX)
+        return None
+
+    def _on_rate_limit(self, obj: dict) -> str | None:
+        info = obj.get("rate_limit_info") if isinstance(obj.get("rate_limit_info"), dict) else {}
+        if info.get("status") != "rejected":
+            return None
+        self.rate_limit_rejected = True
+        self.resets_at = _epoch_to_iso(info.get("resetsAt")) or self.resets_at  # structured wins
+        return "rate limit rejected (resets %s)" % (self.resets_at or "unknown")
+
+    def _on_result(self, obj: dict) -> str | None:
+        self.result = obj
+        if obj.get("terminal_reason") == "prompt_too_long":
+            self.overflow_text = self.overflow_text or "Prompt is too long"
+        if not obj.get("is_error"):
+            return None  # a successful answer may quote error texts; only errors count
+        texts = [obj["result"]] if isinstance(obj.get("result"), str) else []
+        texts += [e for e in obj.get("errors") or [] if isinstance(e, str)]
+        for text in texts:
+            self._scan_errors(text, quota_hint=self._is_limit_429(obj, text))
+        return None
+
+    # ---- detection -----------------------------------------------------------
+    @staticmethod
+    def _is_limit_429(obj: dict, text: str) -> bool:
+        return (obj.get("api_error_status") == 429 and bool(_LIMIT_WORD_RE.search(text))
+                and not _THROTTLE_RE.search(text))
+
+    def _scan_errors(self, text: str, quota_hint: bool = False) -> None:
+        """Record quota / overflow wordings; the throttle wording is neither."""
+        if _OVERFLOW_RE.search(text):
+            self.overflow_text = self.overflow_text or text
+        if _THROTTLE_RE.search(text):
+            return
+        if quota_hint or _QUOTA_RE.search(text):
+            self.quota_text = text
+            self.resets_at = self.resets_at or _resets_from_text(text)
+
+    def _count_usage(self, message: dict) -> None:
+        """Count each message.id once; a repeat replaces the earlier figures."""
+        if "usage" not in message:
+            return
+        usage = Usage.from_json(message.get("usage"))
+        mid = message.get("id") if isinstance(message.get("id"), str) else None
+        if mid is None:
+            self._stream_usage.add(usage)
+            return
+        previous = self._by_message.pop(mid, None)
+        if previous is not None:
+            self._stream_usage.add(previous, -1)
+        self._by_message[mid] = usage
+        self._stream_usage.add(usage)
+        while len(self._by_message) > MESSAGE_IDS_KEPT:
+            self._by_message.popitem(last=False)
+
+    def _remember(self, text: str) -> None:
+        self.last_text = text
+        self._tail = (self._tail + "\n" + text if self._tail else text)[-TAIL_CHARS:]
+
+    def _cwd(self) -> str | None:
+        cwd = (self.init or {}).get("cwd")
+        return cwd if isinstance(cwd, str) else None
+
+    # ---- results -------------------------------------------------------------
+    @property
+    def usage(self) -> Usage:
+        """The final result's usage when there is one, else the per-message sum."""
+        if self.result is not None and isinstance(self.result.get("usage"), dict):
+            return Usage.from_json(self.result["usage"])
+        return dataclasses.replace(self._stream_usage)
+
+    @property
+    def cost_usd(self) -> float:
+        cost = (self.result or {}).get("total_cost_usd")
+        ok = isinstance(cost, (int, float)) and not isinstance(cost, bool) and cost >= 0
+        return float(cost) if ok else 0.0
+
+    @property
+    def is_error(self) -> bool:
+        return bool((self.result or {}).get("is_error"))
+
+    @property
+    def permission_denials(self) -> list[dict]:
+        denials = (self.result or {}).get("permission_denials")
+        return [d for d in denials if isinstance(d, dict)] if isinstance(denials, list) else []
+
+    @property
+    def result_text(self) -> str | None:
+        text = (self.result or {}).get("result")
+        return text if isinstance(text, str) else None
+
+    @property
+    def partial_output(self) -> str:
+        return self._tail
+
+
+# ---- classification ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Exit:
+    """Everything classify() knows besides the parser."""
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    stderr_tail: str
+    oom: bool
+    cancelled: bool
+    duration_s: float
+
+    @property
+    def failed(self) -> bool:
+        return self.signal is not None or self.exit_code != 0
+
+
+_Verdict = tuple[Outcome, str, str]
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _rule_stop(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    if x.cancelled:
+        return Outcome.FAIL, "cancelled", "cancelled after %.1fs" % x.duration_s
+    if x.timed_out:
+        return Outcome.FAIL, "timeout", "timed out after %.1fs" % x.duration_s
+    return None
+
+
+def _rule_oom(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    if unclean and (x.oom or (x.failed and _OOM_RE.search(x.stderr_tail))):
+        detail = _last_line(x.stderr_tail) if _OOM_RE.search(x.stderr_tail) else "killed by the OOM killer"
+        return Outcome.FAIL, "oom", "out of memory: " + detail
+    return None
+
+
+def _rule_quota(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    if unclean and (p.quota_text or p.rate_limit_rejected or _QUOTA_RE.search(x.stderr_tail)):
+        text = p.quota_text or _last_line(x.stderr_tail) or "rate limit rejected"
+        return Outcome.FAIL, "quota", "quota exhausted: " + text
+    return None
+
+
+def _rule_overflow(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    if unclean and (p.overflow_text or _OVERFLOW_RE.search(x.stderr_tail)):
+        return Outcome.FAIL, "context-overflow", "context overflow: " + (p.overflow_text or "Prompt is too long")
+    return None
+
+
+def _rule_denied(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    denials = p.permission_denials
+    if not denials:
+        return None
+    tools = sorted({str(d.get("tool_name", "?")) for d in denials})
+    return Outcome.BLOCKED, "sandbox-denied", "permission denied: %s (%d denial%s)" % (
+        ", ".join(tools), len(denials), "" if len(denials) == 1 else "s")
+
+
+def _rule_result_error(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    if not p.is_error:
+        return None
+    result = p.result or {}
+    subtype = str(result.get("subtype", ""))
+    text = p.result_text or " ".join(str(e) for e in result.get("errors") or []) or subtype
+    special = {"error_max_turns": "error-max-turns", "error_max_budget_usd": "error-max-budget"}
+    if subtype in special:
+        return Outcome.FAIL, special[subtype], "%s after %s turns" % (subtype, result.get("num_turns", "?"))
+    if result.get("api_error_status") is not None or result.get("terminal_reason") == "api_error" \
+            or subtype == "success" or not x.failed:
+        return Outcome.FAIL, "api-error", "API error: " + text
+    return None
+
+
+def _rule_exit(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
+    detail = _last_line(x.stderr_tail) or p.result_text or p.last_text
+    if x.signal is not None:
+        name = _signal_name(x.signal)
+        return Outcome.FAIL, "killed-" + name, ("killed by %s: %s" % (name, detail)).rstrip(": ")
+    if x.exit_code is None:
+        return Outcome.FAIL, "exit-unknown", "exit status unknown"
+    if x.exit_code != 0:
+        return Outcome.FAIL, "exit-%d" % x.exit_code, ("exited with code %d: %s" % (x.exit_code, detail)).rstrip(": ")
+    return Outcome.DONE, "", p.result_text or p.last_text or "completed"
+
+
+_RULES = (_rule_stop, _rule_oom, _rule_quota, _rule_overflow, _rule_denied,
+          _rule_result_error, _rule_exit)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal_mod.Signals(signum).name
+    except ValueError:
+        return "SIG%d" % signum
+
+
+def classify(parser: StreamParser, *, exit_code: int | None, signal: int | None, timed_out: bool,
+             stderr_tail: str, oom: bool = False, cancelled: bool = False,
+             duration_s: float = 0.0) -> SessionResult:
+    """Decide the outcome; precedence is the order of _RULES (see module docstring)."""
+    x = _Exit(exit_code, signal, timed_out, stderr_tail, oom, cancelled, duration_s)
+    unclean = x.failed or parser.is_error or timed_out or cancelled
+    outcome, reason, summary = next(v for v in (rule(parser, x, unclean) for rule in _RULES) if v)
+    quota = reason == "quota"
+    return SessionResult(
+        outcome=outcome, reason=reason, summary=one_line(summary, SUMMARY_MAX),
+        usage=parser.usage, cost_usd=parser.cost_usd, exit_code=exit_code, signal=signal,
+        duration_s=round(duration_s, 3), quota=quota,
+        quota_resets_at=parser.resets_at if quota else None, retriable=is_retriable(reason),
+        permission_denials=parser.permission_denials, session_id=parser.session_id,
+        partial_output=parser.partial_output)
+
+
+def spawn_failed(error: str, duration_s: float = 0.0) -> SessionResult:
+    """The result for a command that never started (bad path, exec or preexec failure)."""
+    return SessionResult(outcome=Outcome.FAIL, reason="spawn-failed",
+                         summary=one_line("spawn failed: " + error, SUMMARY_MAX),
+                         duration_s=round(duration_s, 3))
+
+
+# ---- environment ---------------------------------------------------------------
+_PASSTHROUGH = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
+_FORBIDDEN = frozenset({"CLAUDECODE"})
+
+
+def sanitize_path(value: str | None) -> str:
+    """Absolute, de-duplicated PATH entries only: '' and '.' would run workspace files."""
+    entries: list[str] = []
+    for entry in (value or "").split(":"):
+        if entry.startswith("/") and entry not in entries:
+            entries.append(entry)
+    return ":".join(entries) or DEFAULT_PATH
+
+
+def _login_name(base: Mapping[str, str]) -> str:
+    name = base.get("USER") or base.get("LOGNAME")
+    if name:
+        return name
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _check_var(name: str, value: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ValueError("invalid environment variable name: %r" % name)
+    if "\0" in value:
+        raise ValueError("environment variable %s contains a NUL byte" % name)
+
+
+def clean_env(base: Mapping[str, str], *, home: Path, config_dir: Path, tmpdir: Path,
+              grants: Mapping[str, str] = {}, extra: Mapping[str, str] = {}) -> dict[str, str]:
+    """The whole environment of a session, built from an allowlist.
+
+    Nothing else from `base` passes: no CLAUDECODE (claude refuses to start with
+    it), no agent sockets, cloud or API credentials, no systemd variables.
+    CLAUDE_CONFIG_DIR is per agent because concurrent sessions corrupt a shared
+    one. CLAUDE_CODE_SUBPROCESS_ENV_SCRUB=1 keeps a granted ANTHROPIC_API_KEY /
+    CLAUDE_CODE_OAUTH_TOKEN away from the agent's Bash tool (prompt injection).
+    `extra` (plain config) then `grants` (secrets) are applied last and may
+    override anything except CLAUDECODE.
+    """
+    user = _login_name(base)
+    env = {"PATH": sanitize_path(base.get("PATH")), "HOME": str(home), "USER": user,
+           "LOGNAME": user, "TMPDIR": str(tmpdir), "CLAUDE_CONFIG_DIR": str(config_dir),
+           "DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+           "CLAUDE_CODE_SUBPROCESS_ENV_SCRUB": "1"}
+    env.update({k: base[k] for k in _PASSTHROUGH if base.get(k)})
+    if base.get("SHELL", "").startswith("/"):
+        env["SHELL"] = base["SHELL"]
+    for source in (extra, grants):
+        for name, value in source.items():
+            _check_var(name, value)
+            if name in _FORBIDDEN:
+                log.warning("dropping %s from the session environment", name)
+                continue
+            env[name] = value
+    return env
+
+
+# ---- the runner ----------------------------------------------------------------
+def _noop(*_args: Any) -> None:
+    return None
+
+
+class _LineSplitter:
+    """Bytes → complete lines, each at most `limit` bytes; longer lines are dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buf = bytearray()
+        self._skipping = False
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> list[str]:
+        lines: list[str] = []
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            self._take(chunk[start:nl], lines, complete=True)
+            start = nl + 1
+        self._take(chunk[start:], lines, complete=False)
+        return lines
+
+    def finish(self) -> list[str]:
+        """The unterminated last line (e.g. half a JSON object from a crash)."""
+        lines: list[str] = []
+        if self._buf and not self._skipping:
+            self._take(b"", lines, complete=True)
+        return lines
+
+    def _take(self, piece: bytes, lines: list[str], complete: bool) -> None:
+        if not self._skipping:
+            self._buf += piece
+            if len(self._buf) > self._limit:
+                self._buf.clear()
+                self._skipping = True
+                self.dropped += 1
+        if complete:
+            if not self._skipping:
+                lines.append(self._buf.decode("utf-8", "replace"))
+            self._buf.clear()
+            self._skipping = False
+
+
+class _StatusThrottle:
+    """At most one status per interval; the latest wins; flush() sends the pending one."""
+
+    def __init__(self, emit: Callable[[str], None], interval: float) -> None:
+        self._emit = emit
+        self._interval = interval
+        self._last = float("-inf")
+        self._pending: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def submit(self, text: str) -> None:
+        now = time.monotonic()
+        if self._timer is None and now - self._last >= self._interval:
+            self._send(text)
+            return
+        self._pending = text
+        if self._timer is None:
+            delay = self._last + self._interval - now
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._fire()
+
+    def _fire(self) -> None:
+        self._timer = None
+        text, self._pending = self._pending, None
+        if text is not None:
+            self._send(text)
+
+    def _send(self, text: str) -> None:
+        self._last = time.monotonic()
+        try:
+            self._emit(text)
+        except Exception:
+            log.exception("on_status callback failed")
+
+
+class Session:
+    """One run of the agent command in its own process group; see the module docstring."""
+
+    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str], max_duration: float,
+                 grace: float = 10.0, preexec_fn: Callable[[], None] | None = None,
+                 pass_fds: tuple[int, ...] = (), on_status: Callable[[str], None] = _noop,
+                 on_output: Callable[[str, str], None] = _noop,
+                 status_interval: float = 10.0) -> None:
+        self._argv = list(argv)
+        self._cwd = Path(cwd)
+        self._env = dict(env, PWD=str(cwd))
+        self._max_duration = max_duration
+        self._grace = grace
+        self._preexec_fn = preexec_fn
+        self._pass_fds = tuple(pass_fds)
+        self._on_output = on_output
+        self._throttle = _StatusThrottle(on_status, status_interval)
+        self.parser = StreamParser()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._spawn_error: str | None = None
+        self._started = 0.0
+        self._stderr_tail = ""
+        self._timed_out = False
+        self._cancelled = False
+        self._oom = False
+        self._escalation: asyncio.Task | None = None
+        self._dropped_lines = 0
+        self.result: SessionResult | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def pgid(self) -> int | None:
+        """Equal to pid: start_new_session makes the child its group's leader."""
+        return self.pid
+
+    @property
+    def dropped_lines(self) -> int:
+        return self._dropped_lines
+
+    async def start(self) -> int | None:
+        """Spawn the command; return its pid, or None when it could not be started."""
+        if self._proc is not None or self._spawn_error is not None:
+            raise RuntimeError("session already started")
+        self._started = time.monotonic()
+        try:
+            self._proc = await self._spawn()
+        except (OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
+            self._spawn_error = "%s: %s" % (type(exc).__name__, exc)
+            log.warning("session spawn failed: %s", self._spawn_error)
+            return None
+        log.info("session started pid=%s argv0=%s cwd=%s", self._proc.pid, self._argv[0], self._cwd)
+        return self._proc.pid
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        if not self._argv:
+            raise ValueError("empty command")
+        return await asyncio.create_subprocess_exec(
+            *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=self._cwd, env=self._env,
+            start_new_session=True, close_fds=True, pass_fds=self._pass_fds,
+            preexec_fn=self._preexec_fn)
+
+    async def run(self) -> SessionResult:
+        await self.start()
+        return await self.wait()
+
+    async def wait(self) -> SessionResult:
+        """Read until the command exits, enforce the deadline, kill leftovers, classify."""
+        if self.result is not None:
+            return self.result
+        if self._proc is None:
+            if self._spawn_error is None:
+                raise RuntimeError("session not started")
+            self.result = spawn_failed(self._spawn_error, time.monotonic() - self._started)
+            return self.result
+        self.result = await self._supervise(self._proc)
+        return self.result
+
+    async def _supervise(self, proc: asyncio.subprocess.Process) -> SessionResult:
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = [asyncio.create_task(self._read_stdout(proc.stdout)),
+                   asyncio.create_task(self._read_stderr(proc.stderr))]
+        deadline = asyncio.create_task(self._enforce_deadline())
+        try:
+            returncode = await proc.wait()
+        except BaseException:  # our caller was cancelled: leave no process behind
+            self._kill_group(signal_mod.SIGKILL)
+            for task in (*readers, self._escalation):
+                if task is not None:
+                    task.cancel()
+            raise
+        finally:
+            deadline.cancel()
+        self._kill_group(signal_mod.SIGKILL)
+        if self._escalation is not None:
+            self._escalation.cancel()
+        await self._drain(readers)
+        self._throttle.flush()
+        return self._classify(returncode)
+
+    def _classify(self, returncode: int) -> SessionResult:
+        duration = time.monotonic() - self._started
+        result = classify(
+            self.parser, exit_code=returncode if returncode >= 0 else None,
+            signal=-returncode if returncode < 0 else None, timed_out=self._timed_out,
+            stderr_tail=self._stderr_tail, oom=self._oom, cancelled=self._cancelled,
+            duration_s=duration)
+        log.info("session pid=%s ended: %s %s (%s tokens, %.1fs)", self.pid,
+                 result.outcome.value, result.reason or "-", result.usage.total, duration)
+        return result
+
+    def terminate(self, grace: float | None = None) -> None:
+        """Shutdown: SIGTERM the group now, SIGKILL after `grace`; await wait() for the result."""
+        if self._proc is None or self._proc.returncode is not None or self._cancelled:
+            return
+        self._cancelled = True
+        self._start_escalation(self._grace if grace is None else grace)
+
+    def mark_oom(self) -> None:
+        """The caller's cgroup watcher saw an OOM kill in this session's group."""
+        self._oom = True
+
+    async def _enforce_deadline(self) -> None:
+        await asyncio.sleep(max(0.0, self._started + self._max_duration - time.monotonic()))
+        if self._cancelled:
+            return
+        log.warning("session pid=%s exceeded %.1fs; terminating", self.pid, self._max_duration)
+        self._timed_out = True
+        self._start_escalation(self._grace)
+
+    def _start_escalation(self, grace: float) -> None:
+        if self._escalation is None or self._escalation.done():
+            self._escalation = asyncio.get_running_loop().create_task(self._escalate(grace))
+
+    async def _escalate(self, grace: float) -> None:
+        self._kill_group(signal_mod.SIGTERM)
+        await asyncio.sleep(grace)
+        if self._proc is not None and self._proc.returncode is None:
+            log.warning("session pid=%s ignored SIGTERM for %.1fs; killing", self.pid, grace)
+        self._kill_group(signal_mod.SIGKILL)
+
+    def _kill_group(self, sig: signal_mod.Signals) -> None:
+        if self.pgid is None:
+            return
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            log.error("cannot signal process group %s: %s", self.pgid, exc)
+
+    async def _drain(self, readers: list[asyncio.Task]) -> None:
+        """Let the readers take what is buffered; give up on pipes held by escapees."""
+        done, pending = await asyncio.wait(readers, timeout=DRAIN_TIMEOUT)
+        for task in pending:
+            log.warning("session pid=%s: output pipe still open after exit; not reading it", self.pid)
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("session output reader failed: %r", task.exception())
+
+    async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
+        splitter = _LineSplitter(LINE_LIMIT)
+        while chunk := await stream.read(READ_CHUNK):
+            for line in splitter.feed(chunk):
+                self._stdout_line(line)
+            self._note_dropped(splitter)
+        for line in splitter.finish():
+            self._stdout_line(line)
+
+    def _note_dropped(self, splitter: _LineSplitter) -> None:
+        if splitter.dropped > self._dropped_lines:
+            self._dropped_lines = splitter.dropped
+            log.warning("session pid=%s: dropped an output line over %d bytes", self.pid, LINE_LIMIT)
+
+    def _stdout_line(self, line: str) -> None:
+        self._output("stdout", line)
+        status = self.parser.feed(line)
+        if status:
+            self._throttle.submit(status)
+
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        splitter = _LineSplitter(STDERR_LINE_LIMIT)
+        while chunk := await stream.read(READ_CHUNK):
+            for line in splitter.feed(chunk):
+                self._stderr_line(line)
+        for line in splitter.finish():
+            self._stderr_line(line)
+
+    def _stderr_line(self, line: str) -> None:
+        self._output("stderr", line)
+        self._stderr_tail = (self._stderr_tail + line + "\n")[-STDERR_TAIL_CHARS:]
+
+    def _output(self, stream: str, line: str) -> None:
+        try:
+            self._on_output(stream, line)
+        except Exception:
+            log.exception("on_output callback failed")

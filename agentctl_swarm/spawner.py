@@ -1,0 +1,284 @@
+"""The spawn moment: how a daemon or an agent session comes into being.
+
+Design note
+-----------
+Every process the swarm starts goes through ``apply_in_child(plan)``, run in the
+child after ``fork()`` and before any daemon code or ``exec``. It is the one place
+where a child is detached, tied to the supervisor's life, put in its cgroup,
+confined, and stripped of descriptors it must not hold. Three paths use it:
+
+* **fork-server** (default for daemons): the supervisor sends the plan to the
+  zygote (``forkserver.py``), which double-forks. The intermediate exits at once,
+  so the daemon is reparented to the supervisor, which is a child subreaper
+  (``PR_SET_CHILD_SUBREAPER``). The daemon waits until that reparenting is done,
+  then sets ``PR_SET_PDEATHSIG`` (which is relative to the *current* parent) and
+  re-checks its parent, so it can never outlive the supervisor.
+* **exec** (``spawn: exec``): the supervisor forks and the child execs
+  ``python -m agentctl_swarm.daemon``. Slower (a fresh interpreter and imports per
+  daemon), kept for comparison and as the fallback when the fork-server is down.
+* **session**: the daemon starts ``agent.command`` with ``apply_in_child`` as the
+  ``preexec_fn`` of ``asyncio.create_subprocess_exec``; the session gets its own
+  process group so the whole tree can be killed.
+
+Either way the supervisor learns the daemon's PID at once and watches it with a
+pidfd (``reaper.py``); nobody calls ``waitpid(-1)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .system import proc
+
+log = logging.getLogger(__name__)
+
+EXIT_ORPHANED = 75  # the supervisor died before the child could tie itself to it
+EXIT_SETUP_FAILED = 76  # cgroup, sandbox or descriptor setup failed in the child
+FORKSERVER_TIMEOUT = 5.0
+
+
+@dataclass
+class LaunchPlan:
+    """Everything a child needs to set itself up; JSON-serialisable for the fork-server."""
+
+    name: str
+    keep_fds: tuple[int, ...] = ()
+    supervisor_pid: int | None = None  # expected parent; None: do not tie to a parent
+    pdeathsig: int = int(signal.SIGKILL)
+    new_session: bool = True
+    cgroup: dict[str, Any] | None = None  # system.cgroups join spec
+    sandbox: dict[str, Any] | None = None  # {"kind": "landlock", "policy": {...}}
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "LaunchPlan":
+        data = json.loads(text)
+        data["keep_fds"] = tuple(data.get("keep_fds", ()))
+        return cls(**data)
+
+
+class SpawnError(Exception):
+    """A child could not be started."""
+
+
+def apply_in_child(plan: LaunchPlan) -> None:
+    """Run in the child between fork and daemon code or exec. Never returns on failure."""
+    try:
+        _reset_signals()
+        if plan.new_session:
+            os.setsid()
+        if plan.supervisor_pid is not None:
+            _tie_to_parent(plan.supervisor_pid, plan.pdeathsig)
+        if plan.cgroup is not None:
+            from .system import cgroups
+            cgroups.join_spec(plan.cgroup)
+        if plan.sandbox is not None:
+            from .isolation import apply_sandbox_spec
+            apply_sandbox_spec(plan.sandbox)
+        proc.close_fds(set(plan.keep_fds) | {0, 1, 2})
+        if plan.cwd is not None:
+            os.chdir(plan.cwd)
+    except BaseException as exc:  # noqa: BLE001 - the child must not return into the parent's code
+        _child_fail(plan.name, exc)
+
+
+def _reset_signals() -> None:
+    """Drop the parent's Python-level signal plumbing (its wakeup fd belongs to the parent)."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _tie_to_parent(supervisor_pid: int, sig: int) -> None:
+    """Wait for reparenting to the supervisor, then die with it."""
+    parent = os.getppid()
+    if parent != supervisor_pid:
+        # Double-forked: our parent is the fork-server's intermediate, which exits
+        # right away. Wait on its pidfd (no spinning), then we belong to the subreaper.
+        try:
+            fd = os.pidfd_open(parent)
+        except ProcessLookupError:
+            fd = -1
+        if fd >= 0:
+            import select
+            select.select([fd], [], [], FORKSERVER_TIMEOUT)
+            os.close(fd)
+    proc.set_pdeathsig(sig)
+    if os.getppid() != supervisor_pid:
+        os._exit(EXIT_ORPHANED)
+
+
+def _child_fail(name: str, exc: BaseException) -> None:
+    try:
+        os.write(2, f"agentctl-swarm: {name}: child setup failed: {exc}\n".encode())
+    finally:
+        os._exit(EXIT_SETUP_FAILED)
+
+
+def daemon_argv(ipc_fd: int) -> list[str]:
+    return [sys.executable, "-m", "agentctl_swarm.daemon", "--ipc-fd", str(ipc_fd)]
+
+
+def fork_exec(plan: LaunchPlan, argv: list[str]) -> int:
+    """The exec path: fork, set up, exec ``argv``. Returns the child's PID."""
+    pid = os.fork()
+    if pid == 0:
+        apply_in_child(plan)
+        try:
+            for fd in plan.keep_fds:
+                os.set_inheritable(fd, True)
+            os.execve(argv[0], argv, plan.env if plan.env is not None else os.environ)
+        except BaseException as exc:  # noqa: BLE001
+            _child_fail(plan.name, exc)
+    return pid
+
+
+class ForkServerClient:
+    """The supervisor's end of the fork-server: start it, ask it for daemons."""
+
+    def __init__(self, supervisor_pid: int) -> None:
+        self.supervisor_pid = supervisor_pid
+        self.pid: int | None = None
+        self._sock: socket.socket | None = None
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._ready: asyncio.Future[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None and self._ready is not None and self._ready.done() \
+            and not self._ready.exception()
+
+    async def start(self, plan: LaunchPlan) -> int:
+        """Exec the fork-server and wait until it has preloaded everything."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        plan.keep_fds = (theirs.fileno(),)
+        argv = [sys.executable, "-m", "agentctl_swarm.forkserver", "--fd", str(theirs.fileno())]
+        self.pid = fork_exec(plan, argv)
+        theirs.close()
+        self._sock = ours
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        await asyncio.wait_for(asyncio.shield(self._ready), timeout=30)
+        return self.pid
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"fork-server socket error: {exc}")
+                return
+            if not data:
+                self._lost("fork-server closed its socket")
+                return
+            self._dispatch(json.loads(data))
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if msg.get("ready"):
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+            return
+        fut = self._pending.pop(msg.get("id", -1), None)
+        if fut is None or fut.done():
+            return
+        if "pid" in msg:
+            fut.set_result(int(msg["pid"]))
+        else:
+            fut.set_exception(SpawnError(str(msg.get("error", "fork-server failed"))))
+
+    def _lost(self, why: str) -> None:
+        """The fork-server is gone: fail whatever waits on it, so no start hangs."""
+        self.close()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(SpawnError(why))
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(SpawnError(why))
+        self._pending.clear()
+
+    async def spawn(self, plan: LaunchPlan, pass_fd: int) -> int:
+        """Ask for one daemon; ``pass_fd`` becomes its IPC descriptor."""
+        if not self.alive or self._sock is None:
+            raise SpawnError("fork-server is not running")
+        self._next_id += 1
+        req_id = self._next_id
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        body = json.dumps({"id": req_id, "plan": plan.to_json()}).encode()
+        try:
+            socket.send_fds(self._sock, [body], [pass_fd])
+        except OSError as exc:
+            self._pending.pop(req_id, None)
+            raise SpawnError(f"fork-server unreachable: {exc}") from None
+        try:
+            return await asyncio.wait_for(fut, FORKSERVER_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._pending.pop(req_id, None)
+            raise SpawnError("fork-server did not answer in time") from None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            except RuntimeError:
+                pass
+            self._sock.close()
+            self._sock = None
+
+
+class Spawner:
+    """Starts daemons by the configured path, falling back to exec when the zygote is down."""
+
+    def __init__(self, mode: str, supervisor_pid: int) -> None:
+        self.mode = mode
+        self.supervisor_pid = supervisor_pid
+        self.forkserver = ForkServerClient(supervisor_pid) if mode == "fork-server" else None
+
+    async def start_forkserver(self, cgroup: dict[str, Any] | None = None) -> int | None:
+        if self.forkserver is None:
+            return None
+        plan = LaunchPlan(name="fork-server", supervisor_pid=self.supervisor_pid, cgroup=cgroup)
+        return await self.forkserver.start(plan)
+
+    async def spawn_daemon(self, plan: LaunchPlan) -> tuple[int, socket.socket, str]:
+        """Start one daemon. Returns (pid, the supervisor's IPC socket, the path used)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        plan.supervisor_pid = self.supervisor_pid
+        try:
+            if self.forkserver is not None and self.forkserver.alive:
+                try:
+                    pid = await self.forkserver.spawn(plan, theirs.fileno())
+                    return pid, ours, "fork-server"
+                except SpawnError as exc:
+                    log.warning("fork-server could not start %s (%s); using exec", plan.name, exc)
+            plan.keep_fds = (theirs.fileno(),)
+            pid = fork_exec(plan, daemon_argv(theirs.fileno()))
+            return pid, ours, "exec"
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+
+    def close(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.close()
