@@ -664,6 +664,11 @@ def load_config(path: Path | str | None = None, *, env: Mapping[str, str] = os.e
     return dataclasses.replace(cfg, role_overrides=MappingProxyType(overrides))
 
 
+def default_config(home: Path) -> SwarmConfig:
+    """The config with every default and no role overrides (no files read)."""
+    return config_from_mapping({}, home=home)
+
+
 def _read_yaml(path: Path) -> dict[Any, Any]:
     """Read a YAML mapping with ``safe_load``; an empty file is an empty mapping."""
     try:

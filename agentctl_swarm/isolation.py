@@ -53,20 +53,22 @@ class Isolation:
             return f"unavailable ({self.config.sandbox}): {self.error}"
         return sandbox.describe(self.kind)
 
-    def sandbox_spec(self, name: str, workspace: Path) -> dict[str, Any] | None:
-        """The spec a daemon needs to confine its sessions; None when sandbox is off."""
+    def sandbox_spec(self, name: str, role: str) -> dict[str, Any] | None:
+        """What a daemon needs to confine its sessions; None when sandbox is off.
+
+        The paths are resolved by the daemon at session time (``resolve``), when
+        its workspace exists.
+        """
         if self.kind is None:
             return {"kind": "unavailable", "error": self.error}
         if self.kind is sandbox.SandboxKind.NONE:
             return None
-        role = _role_of(self.config, name)
+        command = self.config.for_role(role).command
         extra = [str(p) for p in self.config.sandbox_allow_read]
+        # The agent command itself: a script given by absolute path is part of it.
+        extra += [arg for arg in command[1:] if arg.startswith("/") and Path(arg).is_file()]
         extra += [str(s.file) for s in self.config.secrets_for(name, role) if s.path]
-        policy = sandbox.session_policy(workspace, workspace / ".tmp",
-                                        agent_command=self.config.for_role(role).command[0],
-                                        extra_read=extra)
-        return {"kind": self.kind.value, "policy": {"read_write": list(policy.read_write),
-                                                    "read_only": list(policy.read_only)}}
+        return {"kind": self.kind.value, "program": command[0], "extra_read": extra}
 
     def env_grants(self, name: str, role: str) -> list[dict[str, str]]:
         """Secrets granted to one agent: env vars filled from files, files shown in the workspace."""
@@ -81,11 +83,14 @@ class Isolation:
         return grants
 
 
-def _role_of(config: "SwarmConfig", name: str) -> str:
-    for role in ("builder", "auditor", "qa", "general"):
-        if f"-{role}-" in name or name.startswith(f"{role}-"):
-            return role
-    return "general"
+def resolve(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path) -> dict[str, Any] | None:
+    """In the daemon, before a session: add the concrete policy to the spec."""
+    if not spec or spec.get("kind") not in ("landlock", "bwrap"):
+        return spec
+    policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"],
+                                    extra_read=spec.get("extra_read", ()))
+    return {**spec, "policy": {"read_write": list(policy.read_write),
+                               "read_only": list(policy.read_only)}}
 
 
 def policy_from_spec(spec: dict[str, Any]) -> sandbox.SandboxPolicy:

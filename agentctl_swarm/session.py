@@ -657,6 +657,32 @@ class _StatusThrottle:
             log.exception("on_status callback failed")
 
 
+class _Protocol(asyncio.SubprocessProtocol):
+    """Pipe data straight to the session; `exited` fires on the leader's exit status.
+
+    asyncio's own ``Process.wait()`` also waits for the pipes to close, which a
+    grandchild holding stdout would delay forever; hence this protocol.
+    """
+
+    def __init__(self, session: "Session", loop: asyncio.AbstractEventLoop) -> None:
+        self._session = session
+        self._open = {1, 2}
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self._session._data(fd, data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open.discard(fd)
+        if not self._open and not self.closed.done():
+            self.closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
 class Session:
     """One run of the agent command in its own process group; see the module docstring."""
 
@@ -675,50 +701,60 @@ class Session:
         self._on_output = on_output
         self._throttle = _StatusThrottle(on_status, status_interval)
         self.parser = StreamParser()
-        self._proc: asyncio.subprocess.Process | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._protocol: _Protocol | None = None
+        self._pid: int | None = None
         self._spawn_error: str | None = None
         self._started = 0.0
+        self._stdout = _LineSplitter(LINE_LIMIT)
+        self._stderr = _LineSplitter(STDERR_LINE_LIMIT)
         self._stderr_tail = ""
         self._timed_out = False
         self._cancelled = False
         self._oom = False
         self._escalation: asyncio.Task | None = None
-        self._dropped_lines = 0
         self.result: SessionResult | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._pid
 
     @property
     def pgid(self) -> int | None:
         """Equal to pid: start_new_session makes the child its group's leader."""
-        return self.pid
+        return self._pid
 
     @property
     def dropped_lines(self) -> int:
-        return self._dropped_lines
+        """Output lines longer than LINE_LIMIT that were skipped."""
+        return self._stdout.dropped
+
+    @property
+    def running(self) -> bool:
+        return self._protocol is not None and not self._protocol.exited.done()
 
     async def start(self) -> int | None:
         """Spawn the command; return its pid, or None when it could not be started."""
-        if self._proc is not None or self._spawn_error is not None:
+        if self._transport is not None or self._spawn_error is not None:
             raise RuntimeError("session already started")
         self._started = time.monotonic()
         try:
-            self._proc = await self._spawn()
+            self._transport, self._protocol = await self._spawn()
         except (OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
             self._spawn_error = "%s: %s" % (type(exc).__name__, exc)
             log.warning("session spawn failed: %s", self._spawn_error)
             return None
-        log.info("session started pid=%s argv0=%s cwd=%s", self._proc.pid, self._argv[0], self._cwd)
-        return self._proc.pid
+        self._pid = self._transport.get_pid()
+        log.info("session started pid=%s argv0=%s cwd=%s", self._pid, self._argv[0], self._cwd)
+        return self._pid
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> tuple[asyncio.SubprocessTransport, _Protocol]:
         if not self._argv:
             raise ValueError("empty command")
-        return await asyncio.create_subprocess_exec(
-            *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd=self._cwd, env=self._env,
+        loop = asyncio.get_running_loop()
+        return await loop.subprocess_exec(
+            lambda: _Protocol(self, loop), *self._argv, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self._cwd, env=self._env,
             start_new_session=True, close_fds=True, pass_fds=self._pass_fds,
             preexec_fn=self._preexec_fn)
 
@@ -730,50 +766,47 @@ class Session:
         """Read until the command exits, enforce the deadline, kill leftovers, classify."""
         if self.result is not None:
             return self.result
-        if self._proc is None:
+        if self._transport is None or self._protocol is None:
             if self._spawn_error is None:
                 raise RuntimeError("session not started")
             self.result = spawn_failed(self._spawn_error, time.monotonic() - self._started)
             return self.result
-        self.result = await self._supervise(self._proc)
+        self.result = await self._supervise(self._transport, self._protocol)
         return self.result
 
-    async def _supervise(self, proc: asyncio.subprocess.Process) -> SessionResult:
-        assert proc.stdout is not None and proc.stderr is not None
-        readers = [asyncio.create_task(self._read_stdout(proc.stdout)),
-                   asyncio.create_task(self._read_stderr(proc.stderr))]
+    async def _supervise(self, transport: asyncio.SubprocessTransport,
+                         protocol: _Protocol) -> SessionResult:
         deadline = asyncio.create_task(self._enforce_deadline())
         try:
-            returncode = await proc.wait()
+            await asyncio.shield(protocol.exited)
         except BaseException:  # our caller was cancelled: leave no process behind
             self._kill_group(signal_mod.SIGKILL)
-            for task in (*readers, self._escalation):
-                if task is not None:
-                    task.cancel()
+            self._cancel_escalation()
+            transport.close()
             raise
         finally:
             deadline.cancel()
         self._kill_group(signal_mod.SIGKILL)
-        if self._escalation is not None:
-            self._escalation.cancel()
-        await self._drain(readers)
+        self._cancel_escalation()
+        await self._drain(protocol)
+        transport.close()
         self._throttle.flush()
-        return self._classify(returncode)
+        return self._classify(transport.get_returncode())
 
-    def _classify(self, returncode: int) -> SessionResult:
+    def _classify(self, returncode: int | None) -> SessionResult:
         duration = time.monotonic() - self._started
-        result = classify(
-            self.parser, exit_code=returncode if returncode >= 0 else None,
-            signal=-returncode if returncode < 0 else None, timed_out=self._timed_out,
-            stderr_tail=self._stderr_tail, oom=self._oom, cancelled=self._cancelled,
-            duration_s=duration)
-        log.info("session pid=%s ended: %s %s (%s tokens, %.1fs)", self.pid,
+        code = returncode if returncode is not None and returncode >= 0 else None
+        sig = -returncode if returncode is not None and returncode < 0 else None
+        result = classify(self.parser, exit_code=code, signal=sig, timed_out=self._timed_out,
+                          stderr_tail=self._stderr_tail, oom=self._oom,
+                          cancelled=self._cancelled, duration_s=duration)
+        log.info("session pid=%s ended: %s %s (%s tokens, %.1fs)", self._pid,
                  result.outcome.value, result.reason or "-", result.usage.total, duration)
         return result
 
     def terminate(self, grace: float | None = None) -> None:
         """Shutdown: SIGTERM the group now, SIGKILL after `grace`; await wait() for the result."""
-        if self._proc is None or self._proc.returncode is not None or self._cancelled:
+        if not self.running or self._cancelled:
             return
         self._cancelled = True
         self._start_escalation(self._grace if grace is None else grace)
@@ -786,7 +819,7 @@ class Session:
         await asyncio.sleep(max(0.0, self._started + self._max_duration - time.monotonic()))
         if self._cancelled:
             return
-        log.warning("session pid=%s exceeded %.1fs; terminating", self.pid, self._max_duration)
+        log.warning("session pid=%s exceeded %.1fs; terminating", self._pid, self._max_duration)
         self._timed_out = True
         self._start_escalation(self._grace)
 
@@ -794,60 +827,55 @@ class Session:
         if self._escalation is None or self._escalation.done():
             self._escalation = asyncio.get_running_loop().create_task(self._escalate(grace))
 
+    def _cancel_escalation(self) -> None:
+        if self._escalation is not None:
+            self._escalation.cancel()
+
     async def _escalate(self, grace: float) -> None:
         self._kill_group(signal_mod.SIGTERM)
         await asyncio.sleep(grace)
-        if self._proc is not None and self._proc.returncode is None:
-            log.warning("session pid=%s ignored SIGTERM for %.1fs; killing", self.pid, grace)
+        if self.running:
+            log.warning("session pid=%s ignored SIGTERM for %.1fs; killing", self._pid, grace)
         self._kill_group(signal_mod.SIGKILL)
 
     def _kill_group(self, sig: signal_mod.Signals) -> None:
-        if self.pgid is None:
+        if self._pid is None:
             return
         try:
-            os.killpg(self.pgid, sig)
+            os.killpg(self._pid, sig)
         except ProcessLookupError:
             pass
         except PermissionError as exc:
-            log.error("cannot signal process group %s: %s", self.pgid, exc)
+            log.error("cannot signal process group %s: %s", self._pid, exc)
 
-    async def _drain(self, readers: list[asyncio.Task]) -> None:
-        """Let the readers take what is buffered; give up on pipes held by escapees."""
-        done, pending = await asyncio.wait(readers, timeout=DRAIN_TIMEOUT)
-        for task in pending:
-            log.warning("session pid=%s: output pipe still open after exit; not reading it", self.pid)
-            task.cancel()
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("session output reader failed: %r", task.exception())
-
-    async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
-        splitter = _LineSplitter(LINE_LIMIT)
-        while chunk := await stream.read(READ_CHUNK):
-            for line in splitter.feed(chunk):
-                self._stdout_line(line)
-            self._note_dropped(splitter)
-        for line in splitter.finish():
+    async def _drain(self, protocol: _Protocol) -> None:
+        """Let buffered output arrive; give up on pipes still held by an escaped process."""
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.closed), DRAIN_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("session pid=%s: output pipe still open after exit; closing it", self._pid)
+        for line in self._stdout.finish():
             self._stdout_line(line)
+        for line in self._stderr.finish():
+            self._stderr_line(line)
 
-    def _note_dropped(self, splitter: _LineSplitter) -> None:
-        if splitter.dropped > self._dropped_lines:
-            self._dropped_lines = splitter.dropped
-            log.warning("session pid=%s: dropped an output line over %d bytes", self.pid, LINE_LIMIT)
+    # ---- output (called by _Protocol) -------------------------------------------
+    def _data(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            dropped = self._stdout.dropped
+            for line in self._stdout.feed(data):
+                self._stdout_line(line)
+            if self._stdout.dropped > dropped:
+                log.warning("session pid=%s: dropped an output line over %d bytes", self._pid, LINE_LIMIT)
+        else:
+            for line in self._stderr.feed(data):
+                self._stderr_line(line)
 
     def _stdout_line(self, line: str) -> None:
         self._output("stdout", line)
         status = self.parser.feed(line)
         if status:
             self._throttle.submit(status)
-
-    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        splitter = _LineSplitter(STDERR_LINE_LIMIT)
-        while chunk := await stream.read(READ_CHUNK):
-            for line in splitter.feed(chunk):
-                self._stderr_line(line)
-        for line in splitter.finish():
-            self._stderr_line(line)
 
     def _stderr_line(self, line: str) -> None:
         self._output("stderr", line)

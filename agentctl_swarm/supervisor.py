@@ -379,7 +379,7 @@ class Supervisor:
                 "max_task_duration": role.max_task_duration, "shutdown_grace": cfg.shutdown_grace,
                 "agent_command": list(role.command), "agent_env": dict(role.env),
                 "coordinator_id": self.coordinator.agent_id if cfg.coordinator == "builtin" else "",
-                "cgroup": cgroup, "sandbox": self.isolation.sandbox_spec(slot.name, slot.workspace)
+                "cgroup": cgroup, "sandbox": self.isolation.sandbox_spec(slot.name, slot.role)
                 if self.isolation else None,
                 "grants": self.isolation.env_grants(slot.name, slot.role) if self.isolation else []}
 

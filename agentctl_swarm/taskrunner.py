@@ -91,8 +91,9 @@ class TaskRunner:
                                  tmpdir=spec.tmp_dir, grants=_read_grants(boot.get("grants", [])),
                                  extra=boot.get("agent_env", {}))
         argv = list(boot["agent_command"]) + [self.prompt]
+        from .isolation import resolve
         plan = LaunchPlan(name=f"{spec.name}/{self.task_id}", supervisor_pid=os.getpid(),
-                          new_session=False, sandbox=boot.get("sandbox"))
+                          new_session=False, sandbox=resolve(boot.get("sandbox"), spec.root, spec.tmp_dir))
         if plan.sandbox and plan.sandbox.get("kind") == "bwrap":
             from .isolation import bwrap_argv_from_spec
             argv = bwrap_argv_from_spec(plan.sandbox, argv, cwd=str(spec.root))

@@ -62,6 +62,7 @@ def test_no_file_means_defaults(home: Path) -> None:
     assert (cfg.start_timeout, cfg.status_interval, cfg.shutdown_grace) == (60, 10, 10)
     assert cfg.quota_probe_interval == 300 and cfg.health_sample_interval == 60
     assert cfg.count == C.DEFAULT_COUNT
+    assert cfg == C.default_config(home)
 
 
 def test_empty_file_means_defaults(home: Path) -> None:
