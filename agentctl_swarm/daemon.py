@@ -128,7 +128,9 @@ class Daemon:
         return code
 
     def _prepare(self) -> Any:
+        from .system.title import set_title
         self.spec = WorkspaceSpec(**self.boot["workspace"])
+        set_title(f"agentctl-swarm daemon {self.spec.name}")
         return workspace.prepare(self.spec)
 
     def _start_link(self, identity: Any) -> None:

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # (apply_in_child resets SIGCHLD in each daemon.)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
+    from .system.title import set_title
+    set_title("agentctl-swarm fork-server")
     preload()
     return serve(sock)
 

@@ -183,6 +183,11 @@ def _texts(content: Any) -> Iterable[str]:
                 yield block["text"]
 
 
+def _strings(value: Any) -> list[str]:
+    """The strings of a JSON list (e.g. a result's `errors`); [] for anything else."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def _tool_label(block: dict, cwd: str | None) -> str:
     """'Write fake-output.txt', 'Bash pytest -q': the tool and its main argument."""
     args = block.get("input") if isinstance(block.get("input"), dict) else {}
@@ -227,9 +232,10 @@ class StreamParser:
         obj = self._json(line)
         if obj is None:
             return self._on_text(line)
+        kind = obj.get("type")
         handler = {"system": self._on_system, "assistant": self._on_assistant,
                    "user": self._on_user, "result": self._on_result,
-                   "rate_limit_event": self._on_rate_limit}.get(obj.get("type"))
+                   "rate_limit_event": self._on_rate_limit}.get(kind if isinstance(kind, str) else "")
         if isinstance(obj.get("session_id"), str):
             self.session_id = obj["session_id"]
         return handler(obj) if handler else None
@@ -310,7 +316,7 @@ class StreamParser:
         if not obj.get("is_error"):
             return None  # a successful answer may quote error texts; only errors count
         texts = [obj["result"]] if isinstance(obj.get("result"), str) else []
-        texts += [e for e in obj.get("errors") or [] if isinstance(e, str)]
+        texts += _strings(obj.get("errors"))
         for text in texts:
             self._scan_errors(text, quota_hint=self._is_limit_429(obj, text))
         return None
@@ -414,6 +420,12 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _error_line(text: str) -> str:
+    """The last stderr line that mentions an error (CLIs print hints after it), else the last."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
+
+
 def _rule_stop(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
     if x.cancelled:
         return Outcome.FAIL, "cancelled", "cancelled after %.1fs" % x.duration_s
@@ -456,7 +468,7 @@ def _rule_result_error(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | N
         return None
     result = p.result or {}
     subtype = str(result.get("subtype", ""))
-    text = p.result_text or " ".join(str(e) for e in result.get("errors") or []) or subtype
+    text = p.result_text or " ".join(_strings(result.get("errors"))) or subtype
     special = {"error_max_turns": "error-max-turns", "error_max_budget_usd": "error-max-budget"}
     if subtype in special:
         return Outcome.FAIL, special[subtype], "%s after %s turns" % (subtype, result.get("num_turns", "?"))
@@ -467,7 +479,7 @@ def _rule_result_error(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | N
 
 
 def _rule_exit(p: StreamParser, x: _Exit, unclean: bool) -> _Verdict | None:
-    detail = _last_line(x.stderr_tail) or p.result_text or p.last_text
+    detail = _error_line(x.stderr_tail) or p.result_text or p.last_text
     if x.signal is not None:
         name = _signal_name(x.signal)
         return Outcome.FAIL, "killed-" + name, ("killed by %s: %s" % (name, detail)).rstrip(": ")

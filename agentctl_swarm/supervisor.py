@@ -661,7 +661,9 @@ class Supervisor:
             "memory_enforcement": self.cgroups.enforcement.value if self.cgroups else "none",
             "memory_enforcement_detail": self.cgroups.description if self.cgroups else "",
             "sandbox": self.isolation.description if self.isolation else "none",
-            "ready": self.ready_sent,
+            "ready": self.ready_sent, "relay_pid": self.relay_pid,
+            "forkserver_pid": self.spawner.forkserver.pid if self.spawner.forkserver
+            and self.spawner.forkserver.alive else None,
         }, "agents": agents}
 
     def _cgroup_usage(self, slot: Slot) -> float | None:

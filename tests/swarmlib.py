@@ -185,12 +185,21 @@ class Swarm:
             self.kill()
 
 
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper that is not ours)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def swarm_processes(home: Path) -> list[int]:
     """PIDs whose environment or command line mentions this swarm's HOME (leak check)."""
     found = []
     marker = str(home).encode()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid() or not alive(int(entry.name)):
             continue
         try:
             if marker in (entry / "environ").read_bytes() or marker in (entry / "cmdline").read_bytes():

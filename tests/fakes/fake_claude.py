@@ -175,8 +175,9 @@ def fork_sleeper():
                 time.sleep(3600)
         finally:
             os._exit(0)
-    with open("fake-child.pid", "w") as f:
+    with open("fake-child.pid.tmp", "w") as f:
         f.write(str(pid))
+    os.rename("fake-child.pid.tmp", "fake-child.pid")  # readers never see it half-written
     return pid
 
 

@@ -48,6 +48,7 @@ other container is running.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -58,7 +59,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
@@ -72,6 +73,7 @@ SRC_MOUNT = "/mnt/src"
 HOST_DPKG_MOUNT = "/mnt/host-dpkg"
 ARTIFACTS_MOUNT = "/mnt/artifacts"
 VENV = "/opt/agentctl-venv"
+PR_SET_PDEATHSIG = 1
 # nspawn 252's seccomp allow-list predates Landlock: without this, every process
 # the container's systemd starts gets EPERM from landlock_*, unlike on a host.
 LANDLOCK_SYSCALLS = ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
@@ -119,8 +121,8 @@ class Container:
         """Boot in the background and wait until the container's systemd is up."""
         out = open(self.workdir / "console.log", "wb")  # noqa: SIM115 - owned by Popen
         err = open(self.workdir / "nspawn.err", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.nspawn_argv(), stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=err, start_new_session=True)
+        self.proc = subprocess.Popen(self.nspawn_argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=err, start_new_session=True, preexec_fn=_term_with_parent)
         out.close()
         err.close()
         deadline = time.monotonic() + self.boot_timeout
@@ -348,6 +350,17 @@ class Container:
         self.stop()
 
 
+def _term_with_parent() -> None:
+    """In nspawn before exec: SIGTERM when the test process dies.
+
+    nspawn turns SIGTERM into an orderly poweroff of the container, so a test
+    run killed with SIGKILL still leaves no container behind.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 def boot_problem() -> str | None:
     """Why a container cannot be booted here (None when it can be tried)."""
     if os.geteuid() != 0:
@@ -358,11 +371,4 @@ def boot_problem() -> str | None:
     if not os.path.exists("/usr/lib/systemd/systemd"):
         return "systemd is not installed on this machine"
     return None
-
-
-def iter_processes_named(name: str) -> Iterator[psutil.Process]:
-    """Host processes with this ``comm`` (for leak checks in tests)."""
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == name:
-            yield proc
 

@@ -172,3 +172,14 @@ def test_system_template_runs_hardened_as_the_user(container: Container, swarm_u
         assert score <= MAX_EXPOSURE
     finally:
         container.run(["systemctl", "stop", unit], check=False)
+
+
+def test_project_venv_serves_the_user(container: Container, swarm_user: str, agentctl_venv: str) -> None:
+    """install_project(): the checkout in a venv over Debian's python3 and packages."""
+    done = container.run([agentctl_venv, "--help"], user=swarm_user)
+    assert "swarm" in done.stdout
+    python = str(Path(agentctl_venv).parent / "python")
+    where = container.run([python, "-c", "import agentctl_swarm, websockets; "
+                           "print(agentctl_swarm.__file__, websockets.__file__)"], user=swarm_user).stdout.split()
+    assert where[0].startswith("/opt/agentctl-venv/lib/")
+    assert where[1].startswith("/usr/lib/python3/dist-packages/")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from agentctl_swarm.session import (
     TAIL_CHARS, Outcome, StreamParser, Usage, _LineSplitter, classify, clean_env, is_retriable,
@@ -252,3 +253,26 @@ def test_clean_env_is_an_allowlist(tmp_path):
 def test_sanitize_path_default():
     assert sanitize_path(None).startswith("/usr/local/sbin")
     assert sanitize_path(".:bin") == sanitize_path(None)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "message", "content", "usage", "id", "result", "is_error", "text",
+                         "permission_denials", "rate_limit_info", "status", "resetsAt", "error",
+                         "input_tokens", "subtype", "api_error_status", "model", "name", "input"]),
+        inner, max_size=6),
+    max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(JSON | st.text(max_size=80), max_size=6), st.integers(-20, 255))
+def test_parser_and_classify_never_raise(items, code):
+    parser = StreamParser()
+    for item in items:
+        line = item if isinstance(item, str) else json.dumps(item)
+        status = parser.feed(line)
+        assert status is None or ("\n" not in status and len(status) <= 140)
+    result = classify(parser, exit_code=code if code >= 0 else None, signal=-code if code < 0 else None,
+                      timed_out=False, stderr_tail="")
+    assert len(result.summary) <= 300 and result.usage.total >= 0 and result.cost_usd >= 0

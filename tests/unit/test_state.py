@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentctl_swarm.errors import StateError
-from agentctl_swarm.state import read_json, write_json_atomic
+from agentctl_swarm.state import read_json, write_json_atomic, write_text_atomic
 
 
 def leftovers(directory: Path, name: str) -> list[str]:
@@ -28,6 +28,14 @@ def test_write_then_read(tmp_path: Path) -> None:
     assert read_json(path, {}) == ({"tasks": [{"id": "t1", "state": "queued"}]}, None)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert leftovers(tmp_path, "tasks.json") == []
+
+
+def test_write_text_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "CLAUDE.md"
+    write_text_atomic(path, "# r\u00f4le\n")
+    write_text_atomic(path, "# role\n")
+    assert path.read_text() == "# role\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert leftovers(tmp_path, "CLAUDE.md") == []
 
 
 def test_overwrite_replaces_the_inode(tmp_path: Path) -> None:

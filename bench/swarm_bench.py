@@ -1,0 +1,595 @@
+"""Swarm benchmark: ready time, memory, idle CPU, recovery, reload and scale.
+
+Run:  python bench/swarm_bench.py [--quick] [--sizes 10,100,500] [--reps 3]
+                                  [--spawn fork-server,exec] [--peers supervisord]
+                                  [--big 1000] [--out FILE.json]
+
+Design note
+-----------
+Every figure is taken from outside the supervisor, the way a user sees it:
+
+* **Ready** is measured at the relay. The benchmark starts the relay itself
+  (``python -m agentctl_swarm.agentchat.relay``, the very argv and rate limit the
+  supervisor uses for ``agentchat.server: embedded``) and joins ``#agents`` with
+  its own observer (an ``AgentChatClient`` with a fresh identity) *before* it
+  launches ``agentctl swarm start --count N``; the swarm's config points
+  ``agentchat.server`` at that relay. The relay keeps no history, so an observer
+  that joined after the supervisor had started its own relay would miss the
+  first heartbeats (the next come 30 s later). Ready = launch -> N distinct
+  senders of ``HEARTBEAT`` lines, i.e. identified, joined and heartbeating.
+* **Memory** is ``/proc/PID/smaps_rollup``: USS = Private_Clean + Private_Dirty,
+  PSS as reported; the swarm total is supervisor + its descendants (fork-server,
+  daemons) + the relay.
+* **CPU** is utime+stime from ``/proc/PID/stat`` over a window of idle time.
+* **Recovery** is kill -9 of one daemon -> its replacement's first HEARTBEAT at
+  the observer, minus the 1 s backoff of a first restart; 20 *different* daemons
+  are killed, so no agent nears the degraded threshold (> 5 restarts / 30 min).
+* **Reload** is SIGHUP -> the ``config reloaded`` line's own timestamp in
+  ``supervisor.log`` (both wall-clock, ms precision); the file changes
+  ``max-active`` and ``heartbeat-interval``, so the reload pushes a ``set`` to
+  every daemon over IPC (the expensive case).
+* **Scale** is ``agentctl swarm scale M`` (the real CLI, its Python start
+  included) -> all M heartbeating at the observer (up) or only M daemon
+  processes left (down).
+
+The peer is supervisord (PyPI, in the benchmark's own venv) with N bare
+``python -c "import time; time.sleep(1e9)"`` children (numprocs=N, startsecs=0),
+timed from its launch to all N RUNNING over its XML-RPC socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from agentctl_swarm.agentchat.client import AgentChatClient  # noqa: E402
+from agentctl_swarm.agentchat.identity import Identity  # noqa: E402
+from agentctl_swarm.control.client import call as control_call  # noqa: E402
+from tests.swarmlib import Swarm, fake_agent_command, swarm_processes  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = 1024
+
+
+# ---------------------------------------------------------------- /proc readers
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """kB fields of /proc/PID/smaps_rollup (empty if the process is gone)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key] = int(parts[0])
+    return out
+
+
+def memory_of(pids: list[int]) -> dict[str, float]:
+    """Median USS/PSS (MB) across ``pids`` and their total PSS."""
+    rows = [smaps_rollup(p) for p in pids]
+    rows = [r for r in rows if r]
+    if not rows:
+        return {}
+    uss = [(r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)) / 1024 for r in rows]
+    pss = [r.get("Pss", 0) / 1024 for r in rows]
+    return {"uss_mb": statistics.median(uss), "pss_mb": statistics.median(pss),
+            "pss_sum_mb": sum(pss), "n_measured": len(rows)}
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (0 if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14, 15 of proc(5)
+
+
+def children_map() -> dict[int, list[int]]:
+    """ppid -> pids, for every process."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, todo = children_map(), [], [pid]
+    while todo:
+        kids = tree.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# ---------------------------------------------------------------- the observer
+class Observer:
+    """Our own agentchat client on #agents, in a thread: who heartbeat, and when."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.beats: dict[str, list[float]] = {}
+        self.lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self.client: AgentChatClient | None = None
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> "Observer":
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._connect(), self.loop)
+        if not fut.result(30):
+            raise RuntimeError(f"observer could not join #agents on {self.url}")
+        return self
+
+    async def _connect(self) -> bool:
+        self.client = AgentChatClient(self.url, Identity.generate("bench-observer"), ["#agents"],
+                                      on_message=self._on_message, send_interval=1.0)
+        self.loop.create_task(self.client.run())
+        return await self.client.wait_connected(20)
+
+    def _on_message(self, frame: dict[str, Any]) -> None:
+        content = frame.get("content")
+        if isinstance(content, str) and content.startswith("HEARTBEAT "):
+            now = time.monotonic()
+            name = content.split()[1]
+            with self.lock:
+                self.beats.setdefault(name, []).append(now)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.beats.clear()
+
+    def senders_since(self, t0: float) -> dict[str, float]:
+        """name -> first heartbeat at or after t0."""
+        with self.lock:
+            out = {}
+            for name, times in self.beats.items():
+                later = [t for t in times if t >= t0]
+                if later:
+                    out[name] = later[0]
+            return out
+
+    def stop(self) -> None:
+        if self.client is not None:
+            asyncio.run_coroutine_threadsafe(self.client.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Relay:
+    """The relay, started by us exactly as the supervisor starts the embedded one."""
+
+    def __init__(self, workdir: Path, rate_limit: float = 1.0) -> None:
+        self.port_file = workdir / "relay.port"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentctl_swarm.agentchat.relay", "--host", "127.0.0.1",
+             "--port", "0", "--rate-limit", str(rate_limit), "--port-file", str(self.port_file)],
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "relay.stderr", "ab"),
+            start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not self.port_file.exists() or not self.port_file.read_text().strip():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("relay did not start")
+            time.sleep(0.02)
+        self.url = f"ws://127.0.0.1:{int(self.port_file.read_text())}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+# ---------------------------------------------------------------- one swarm run
+@dataclass
+class Run:
+    """One supervisor with its relay and observer, in a fresh HOME."""
+
+    mode: str
+    count: int
+    base: Path
+    relay: Relay | None = None
+    observer: Observer | None = None
+    swarm: Swarm | None = None
+    t_launch: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def config(self, **more: Any) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"count": self.count, "spawn": self.mode,
+                               "agentchat": {"server": self.relay.url if self.relay else "embedded"},
+                               "agent": {"command": fake_agent_command()},
+                               "shutdown-grace": "5s"}
+        cfg.update(more)
+        return cfg
+
+    def start(self) -> float:
+        """Launch ``agentctl swarm start --count N``; return seconds until all N heartbeat."""
+        home = Path(tempfile.mkdtemp(prefix=f"swarm-{self.mode}-{self.count}-", dir=self.base))
+        self.relay = Relay(home)
+        self.observer = Observer(self.relay.url).start()
+        self.swarm = Swarm(home, self.config())
+        self.t_launch = time.monotonic()
+        self.swarm.start("--count", str(self.count), wait_ready=False)
+        return self.wait_heartbeats(self.count, self.t_launch, timeout=max(60.0, self.count * 0.5))
+
+    def wait_heartbeats(self, count: int, since: float, timeout: float,
+                        names: Callable[[dict[str, float]], int] | None = None) -> float:
+        assert self.observer is not None and self.swarm is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.observer.senders_since(since)
+            if len(seen) >= count:
+                return sorted(seen.values())[count - 1] - since
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(seen)}/{count} daemons heartbeat within {timeout:.0f}s")
+            self.swarm.check_alive()
+            time.sleep(0.01)
+
+    def status(self) -> dict[str, Any]:
+        assert self.swarm is not None
+        return control_call(self.swarm.home / ".agentctl" / "run" / "control.sock", "status")
+
+    @property
+    def sup_pid(self) -> int:
+        assert self.swarm is not None and self.swarm.proc is not None
+        return self.swarm.proc.pid
+
+    def daemon_pids(self) -> list[int]:
+        return [a["pid"] for a in self.status()["agents"] if a["pid"]]
+
+    def helper_pids(self) -> list[int]:
+        daemons = set(self.daemon_pids())
+        return [p for p in descendants(self.sup_pid) if p not in daemons]
+
+    def memory(self) -> dict[str, float]:
+        assert self.relay is not None
+        daemons = self.daemon_pids()
+        mem = memory_of(daemons)
+        everything = [self.sup_pid, self.relay.pid, *descendants(self.sup_pid)]
+        mem["total_pss_mb"] = sum(smaps_rollup(p).get("Pss", 0) for p in everything) / 1024
+        mem["supervisor_pss_mb"] = smaps_rollup(self.sup_pid).get("Pss", 0) / 1024
+        mem["relay_pss_mb"] = smaps_rollup(self.relay.pid).get("Pss", 0) / 1024
+        return mem
+
+    def idle_cpu(self, seconds: float) -> dict[str, float]:
+        """Percent of one core over ``seconds`` for the supervisor, the daemons, the rest."""
+        assert self.relay is not None
+        daemons, helpers = self.daemon_pids(), self.helper_pids()
+        groups = {"supervisor": [self.sup_pid], "daemons": daemons, "helpers": helpers,
+                  "relay": [self.relay.pid]}
+        before = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}
+        time.sleep(seconds)
+        after = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}
+        return {f"cpu_{k}_pct": 100.0 * (after[k] - before[k]) / CLK_TCK / seconds for k in groups}
+
+    def stop(self) -> None:
+        """Stop the swarm, relay and observer; report leftovers."""
+        home = self.swarm.home if self.swarm else None
+        for step in (self._stop_swarm, self._stop_observer, self._stop_relay):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - clean up the rest regardless
+                self.notes.append(f"cleanup: {type(exc).__name__}: {exc}")
+        if home is not None:
+            left = swarm_processes(home)
+            if left:
+                self.notes.append(f"left processes {left}; killing them")
+                for pid in left:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def _stop_swarm(self) -> None:
+        if self.swarm is not None:
+            try:
+                self.swarm.stop(timeout=60)
+            finally:
+                self.swarm.kill()
+
+    def _stop_observer(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+
+    def _stop_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+
+
+# ---------------------------------------------------------------- scenarios
+def recovery(run: Run, kills: int, backoff: float = 1.0) -> list[float]:
+    """kill -9 ``kills`` different daemons one after another; seconds beyond the backoff."""
+    assert run.observer is not None
+    agents = [a for a in run.status()["agents"] if a["pid"] and a["status"] == "idle"]
+    results = []
+    for agent in agents[:kills]:
+        t_kill = time.monotonic()
+        os.kill(agent["pid"], signal.SIGKILL)
+        deadline = t_kill + 30
+        while agent["name"] not in run.observer.senders_since(t_kill):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{agent['name']} did not come back within 30 s")
+            time.sleep(0.002)
+        results.append(run.observer.senders_since(t_kill)[agent["name"]] - t_kill - backoff)
+    return results
+
+
+def reload_latency(run: Run, reps: int) -> list[float]:
+    """SIGHUP -> the ``config reloaded`` line's timestamp, seconds; alternates the change."""
+    assert run.swarm is not None
+    log = run.swarm.home / ".agentctl" / "logs" / "supervisor.log"
+    out = []
+    for i in range(reps):
+        run.swarm.write_config(run.config(**{"max-active": 6 + i, "heartbeat-interval": f"{29 - i}s"}))
+        offset = log.stat().st_size
+        t_wall = time.time()
+        run.swarm.signal(signal.SIGHUP)
+        out.append(_wait_log_line(log, offset, "config reloaded", 10) - t_wall)
+        time.sleep(0.5)
+    run.swarm.write_config(run.config())
+    run.swarm.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    return out
+
+
+def _wait_log_line(log: Path, offset: int, needle: str, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with log.open() as fh:
+            fh.seek(offset)
+            for line in fh:
+                if needle in line:
+                    ts = json.loads(line)["ts"].replace("Z", "+00:00")
+                    return datetime.fromisoformat(ts).timestamp()
+        time.sleep(0.005)
+    raise TimeoutError(f"no {needle!r} line in {log} within {timeout}s")
+
+
+def scale_up(run: Run, target: int) -> float:
+    assert run.swarm is not None
+    t0 = time.monotonic()
+    before = set(run.observer.beats) if run.observer else set()
+    run.swarm.cli("swarm", "scale", str(target))
+    deadline = t0 + 120
+    while True:
+        seen = set(run.observer.beats) if run.observer else set()
+        if len(seen) >= target and len(seen - before) >= target - len(before):
+            return time.monotonic() - t0
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"scale up: {len(seen)}/{target} heartbeating after 120 s")
+        time.sleep(0.01)
+
+
+def scale_down(run: Run, target: int) -> float:
+    assert run.swarm is not None
+    pids = run.daemon_pids()
+    t0 = time.monotonic()
+    run.swarm.cli("swarm", "scale", str(target))
+    deadline = t0 + 120
+    while True:
+        left = [p for p in pids if alive(p)]
+        if len(left) <= target:
+            return time.monotonic() - t0
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"scale down: {len(left)} daemons still alive after 120 s")
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- the plan
+@dataclass
+class Options:
+    sizes: list[int]
+    reps: int
+    modes: list[str]
+    peers: list[str]
+    big: int
+    cpu_window: float
+    kills: int
+    quick: bool
+
+
+def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[str, Any]:
+    """One fresh swarm of ``n``: ready, memory and, at 100 on rep 0, the extra scenarios."""
+    run = Run(mode, n, base)
+    row: dict[str, Any] = {"mode": mode, "n": n, "rep": rep}
+    try:
+        row["ready_s"] = run.start()
+        time.sleep(2.0)  # let the boot transients (first status, health sample) pass
+        row.update(run.memory())
+        if n == 100 and rep == 0:
+            row.update(run.idle_cpu(opts.cpu_window))
+            row["recovery_s"] = recovery(run, opts.kills)
+        if n == 100:
+            row["scale_up_s"] = scale_up(run, 500)
+            row["reload_s"] = reload_latency(run, 3 if rep == 0 else 1)
+            row["scale_down_s"] = scale_down(run, 100)
+        if n == opts.big and rep == 0:
+            row.update(run.idle_cpu(opts.cpu_window))
+    except Exception as exc:  # noqa: BLE001 - a failed size is reported, not fatal
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        if run.swarm is not None:
+            row["error"] += run.swarm.tail(15)
+    finally:
+        run.stop()
+        row["notes"] = run.notes
+    return row
+
+
+def bench_peer(n: int, rep: int) -> dict[str, Any]:
+    from supervisord_peer import PeerUnavailable, ensure_venv, run_peer
+    row: dict[str, Any] = {"mode": "supervisord", "n": n, "rep": rep}
+    try:
+        row.update(run_peer(ensure_venv(), n))
+    except PeerUnavailable as exc:
+        row["error"] = str(exc)
+    return row
+
+
+def run_all(opts: Options, out: Path | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    base = Path(tempfile.mkdtemp(prefix="agentctl-bench-"))
+    sizes = sorted(set(opts.sizes + ([opts.big] if opts.big else [])))
+    for rep in range(opts.reps):
+        for n in sizes:
+            targets = list(opts.modes) if n != opts.big else ["fork-server"]
+            targets += [p for p in opts.peers if n != opts.big]
+            for target in targets:
+                if n == opts.big and rep > 0:
+                    continue
+                print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1}/{opts.reps} {target} N={n}",
+                      file=sys.stderr, flush=True)
+                row = bench_peer(n, rep) if target == "supervisord" else \
+                    bench_size(target, n, rep, opts, base)
+                _log_row(row)
+                rows.append(row)
+                if out:
+                    out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _log_row(row: dict[str, Any]) -> None:
+    brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+             if k not in ("recovery_s", "notes")}
+    print("   ", json.dumps(brief)[:600], file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the table
+def med(rows: list[dict[str, Any]], mode: str, n: int, key: str) -> float | None:
+    values: list[float] = []
+    for r in rows:
+        if r["mode"] == mode and r["n"] == n and key in r:
+            v = r[key]
+            values.extend(v if isinstance(v, list) else [v])
+    return statistics.median(values) if values else None
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]], opts: Options) -> str:
+    modes = opts.modes + opts.peers
+    lines = ["## Ready time (s, median) and memory per idle daemon (MB, median)", "",
+             "| N | " + " | ".join(f"{m} ready" for m in modes) + " | "
+             + " | ".join(f"{m} USS / PSS" for m in opts.modes)
+             + " | total PSS (" + opts.modes[0] + ") | ratios |",
+             "|---" * (2 + len(modes) + len(opts.modes)) + "|---|"]
+    for n in sorted(opts.sizes):
+        ready = {m: med(rows, m, n, "ready_s") for m in modes}
+        mem = [f"{fmt(med(rows, m, n, 'uss_mb'))} / {fmt(med(rows, m, n, 'pss_mb'))}" for m in opts.modes]
+        lines.append(f"| {n} | " + " | ".join(fmt(ready[m]) for m in modes) + " | " + " | ".join(mem)
+                     + f" | {fmt(med(rows, opts.modes[0], n, 'total_pss_mb'), 0)} | {_ratios(ready)} |")
+    lines += ["", "## At N = 100 (median)", "", "| figure | " + " | ".join(opts.modes) + " | goal |",
+              "|---|" + "---|" * len(opts.modes) + "---|"]
+    for key, label, goal, scale in (
+            ("cpu_supervisor_pct", f"supervisor CPU, % of a core over {opts.cpu_window:.0f} s", "< 0.2", 1),
+            ("cpu_daemons_pct", "all daemons CPU, % of a core", "< 1", 1),
+            ("cpu_helpers_pct", "fork-server CPU, % of a core", "", 1),
+            ("cpu_relay_pct", "relay CPU, % of a core", "", 1),
+            ("recovery_s", f"recovery beyond 1 s backoff, ms (median of {opts.kills})", "< 100", 1000),
+            ("reload_s", "SIGHUP -> reloaded, ms (500 daemons)", "< 200", 1000),
+            ("scale_up_s", "scale 100 -> 500, s", "< 4", 1),
+            ("scale_down_s", "scale 500 -> 100, s", "< 4", 1)):
+        vals = [med(rows, m, 100, key) for m in opts.modes]
+        lines.append(f"| {label} | " + " | ".join(fmt(None if v is None else v * scale) for v in vals)
+                     + f" | {goal} |")
+    if opts.big:
+        b = opts.big
+        lines += ["", f"## {b} daemons (fork-server, one run)", "",
+                  f"ready {fmt(med(rows, 'fork-server', b, 'ready_s'))} s, "
+                  f"USS/PSS {fmt(med(rows, 'fork-server', b, 'uss_mb'))}/"
+                  f"{fmt(med(rows, 'fork-server', b, 'pss_mb'))} MB, "
+                  f"total PSS {fmt(med(rows, 'fork-server', b, 'total_pss_mb'), 0)} MB, "
+                  f"idle CPU supervisor {fmt(med(rows, 'fork-server', b, 'cpu_supervisor_pct'), 3)} %, "
+                  f"daemons {fmt(med(rows, 'fork-server', b, 'cpu_daemons_pct'), 3)} %, "
+                  f"relay {fmt(med(rows, 'fork-server', b, 'cpu_relay_pct'), 3)} %"]
+    errors = [f"- {r['mode']} N={r['n']} rep {r['rep'] + 1}: {r['error'].splitlines()[0]}"
+              for r in rows if "error" in r]
+    if errors:
+        lines += ["", "## Failures", "", *errors]
+    return "\n".join(lines)
+
+
+def _ratios(ready: dict[str, float | None]) -> str:
+    fs, ex, sd = ready.get("fork-server"), ready.get("exec"), ready.get("supervisord")
+    parts = []
+    if fs and ex:
+        parts.append(f"exec/fork-server {ex / fs:.1f}x")
+    if fs and sd:
+        parts.append(f"supervisord/fork-server {sd / fs:.1f}x")
+    return ", ".join(parts) or "-"
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repetition, 20 s CPU window, 10 kills, no 1000 row")
+    parser.add_argument("--sizes", default="10,100,500")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--spawn", default="fork-server,exec")
+    parser.add_argument("--peers", default="supervisord", help="comma list, or '' for none")
+    parser.add_argument("--big", type=int, default=None, help="the N-daemons row (0 = skip)")
+    parser.add_argument("--out", type=Path, help="also write every row as JSON here")
+    args = parser.parse_args(argv)
+    return Options(sizes=[int(s) for s in args.sizes.split(",") if s],
+                   reps=args.reps or (1 if args.quick else 3),
+                   modes=[m for m in args.spawn.split(",") if m],
+                   peers=[p for p in args.peers.split(",") if p],
+                   big=args.big if args.big is not None else (0 if args.quick else 1000),
+                   cpu_window=20.0 if args.quick else 60.0,
+                   kills=10 if args.quick else 20, quick=args.quick), args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, out = parse_args(argv)
+    print(f"# swarm_bench: {' '.join(sys.argv)}  ({os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
+    rows = run_all(opts, out)
+    print(table(rows, opts))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
