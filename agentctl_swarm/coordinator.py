@@ -40,7 +40,7 @@ log = logging.getLogger("agentctl_swarm.coordinator")
 OPEN = ("queued", "announced", "assigned", "running")
 FINAL = ("done", "failed", "blocked", "cancelled")
 MAX_ATTEMPTS = 3
-ANNOUNCE_TIMEOUT_S = 30.0
+ANNOUNCE_TIMEOUT_S = 10.0
 KEEP_FINISHED = 1000
 ROLES = ("builder", "auditor", "qa", "general", "any")
 
@@ -276,30 +276,57 @@ class Coordinator:
 
     # ------------------------------------------------------------ announcing
     def pump(self) -> None:
-        """Announce queued tasks (the denied FIFO first) while there is capacity."""
-        if self.sup.config.coordinator != "builtin" or self.client is None:
+        """Announce queued tasks (the denied FIFO first) while a daemon can take them.
+
+        A task is announced only when a session may start (max-active, budget,
+        quota) and an idle daemon of its role is there to claim it; daemons that
+        are busy when a TASK passes ignore it, so announcing earlier loses it.
+        """
+        if self.sup.config.coordinator != "builtin" or self.client is None or self.sup.stopping:
             return
         self._expire_announcements()
+        announced = False
+        skipped: list[TaskRecord] = []
         while self.budget.paused_reason() is None and self._capacity() > 0:
-            record = self._next_queued()
+            record = self._next_queued(skipped)
             if record is None:
-                return
+                break
+            if not self._idle_daemon_for(record.role):
+                skipped.append(record)
+                continue
             record.state, record.agent = "announced", None
             record.announced_at = time.monotonic()
             self.say(verbs.Task(record.id, record.role, record.prompt))
+            announced = True
             log.info("task %s announced", record.id, extra=log_fields(task=record.id, event="announce"))
-        self._save()
+        for record in skipped:
+            if record.id not in self.fifo:
+                self.fifo.appendleft(record.id)
+        if announced:
+            self._save()
 
     def _capacity(self) -> int:
         busy = sum(1 for t in self.tasks.values() if t.state in ("announced", "assigned", "running"))
         return self.sup.config.max_active - busy
 
-    def _next_queued(self) -> TaskRecord | None:
+    def _idle_daemon_for(self, role: str) -> bool:
+        """Is there an idle daemon of ``role`` not already expected to claim an announced task?"""
+        idle = [s for s in self.sup.slots.values()
+                if s.status.value == "idle" and s.connected and not s.task_id and not s.retiring]
+        pending = [t for t in self.tasks.values() if t.state == "announced"]
+        if len(idle) <= len(pending):
+            return False
+        if role == "any":
+            return True
+        mine = sum(1 for s in idle if s.role == role)
+        return mine > sum(1 for t in pending if t.role == role)
+
+    def _next_queued(self, skipped: list[TaskRecord]) -> TaskRecord | None:
         while self.fifo:
             record = self.tasks.get(self.fifo.popleft())
-            if record is not None and record.state == "queued":
+            if record is not None and record.state == "queued" and record not in skipped:
                 return record
-        queued = [t for t in self.tasks.values() if t.state == "queued"]
+        queued = [t for t in self.tasks.values() if t.state == "queued" and t not in skipped]
         return min(queued, key=lambda t: t.created) if queued else None
 
     def _expire_announcements(self) -> None:
@@ -309,6 +336,8 @@ class Coordinator:
             if record.state == "announced" and record.source == "cli" and \
                     now - (record.announced_at or now) > ANNOUNCE_TIMEOUT_S:
                 record.state = "queued"
+                log.info("task %s was not claimed in %.0fs; queued again", record.id,
+                         ANNOUNCE_TIMEOUT_S, extra=log_fields(task=record.id, event="announce-expired"))
 
     # ------------------------------------------------------------ the promotion gate
     def promote_requested(self, slot: "Slot", task_id: str) -> None:
@@ -388,6 +417,8 @@ class Coordinator:
             self._finish(record, "blocked", reason)
         elif msg.get("quota"):
             self._requeue(record, "quota", count_attempt=False, front=True)
+        elif reason == "cancelled":  # stopped by a shutdown, not by the operator: run it again
+            self._requeue(record, "interrupted by shutdown", count_attempt=False, front=True)
         elif msg.get("retriable") and record.attempts + 1 < MAX_ATTEMPTS:
             self._requeue(record, reason, count_attempt=True)
         else:

@@ -10,21 +10,24 @@ Design note (OS behaviour this module relies on)
   does not hand out a PID while a process group of that number still has
   members, so the only reuse window is between asyncio reaping an empty group's
   leader and our ``killpg`` a few microseconds later; we accept it.
-* Reading. stdout is read in 64 KiB chunks and split into lines here, with a
-  4 MiB cap per line. A longer line is dropped (and counted) and reading goes on:
-  ``StreamReader.readline`` would raise and lose its place instead. The daemon
-  keeps a session for hours, so nothing accumulates: the parser keeps running
-  totals, a bounded map of recent message ids and a 4 KB text tail; stderr keeps
-  an 8 KB tail.
+* Reading. Output arrives through a ``SubprocessProtocol`` and is split into
+  lines here, with a 4 MiB cap per line: a longer line is dropped (and counted)
+  and reading goes on, where ``StreamReader.readline`` would raise and lose its
+  place. The daemon keeps a session for hours, so nothing accumulates: the
+  parser keeps running totals, a bounded map of recent message ids and a 4 KB
+  text tail; stderr keeps an 8 KB tail.
 * Exit versus EOF. A grandchild that inherited stdout keeps the pipe open after
-  the leader exits. So we wait for the leader's exit status (not for EOF), kill
-  the group, then give the readers a short time to drain what is buffered.
+  the leader exits, and asyncio's ``Process.wait()`` waits for the pipes too.
+  So the protocol's ``process_exited`` is the signal: then we kill the group
+  and give the pipes a short time (DRAIN_TIMEOUT) to deliver what is buffered.
 * Deadlines. ``max_duration`` counts from ``start()``. On expiry, and on
   ``terminate()``: SIGTERM to the group, SIGKILL ``grace`` seconds later.
 * Classification. The final ``result`` line is authoritative; texts from other
   lines (synthetic assistant messages, plain text, stderr) count only when the
   run did not end cleanly, because a model may well *write* "Prompt is too long"
-  in a successful answer. Facts: /work/shared/claude-cli-facts.md.
+  in a successful answer. The same holds for a rejected ``rate_limit_event`` and
+  for the OOM flag (a tool can be OOM-killed while claude carries on).
+  Facts: /work/shared/claude-cli-facts.md.
 
 Retriable reasons (the coordinator re-announces these): ``quota`` (after the
 probe says quota is back), ``api-error`` (overload, throttle, 5xx), ``killed-*``
@@ -55,7 +58,6 @@ log = logging.getLogger(__name__)
 
 LINE_LIMIT = 4 * 1024 * 1024
 STDERR_LINE_LIMIT = 64 * 1024
-READ_CHUNK = 64 * 1024
 TAIL_CHARS = 4096
 STDERR_TAIL_CHARS = 8192
 SUMMARY_MAX = 300
@@ -96,8 +98,9 @@ def is_retriable(reason: str) -> bool:
 
 def one_line(text: str, limit: int) -> str:
     """Text safe for one wire line: control/bidi characters removed, ≤ limit chars."""
-    flat = _SPACES_RE.sub(" ", _CTRL_RE.sub(" ", text)).strip()
-    if len(flat) <= limit:
+    head = text[: limit * 8 + 64]  # a 4 MiB line must not cost a 4 MiB regex pass
+    flat = _SPACES_RE.sub(" ", _CTRL_RE.sub(" ", head)).strip()
+    if len(flat) <= limit and len(head) == len(text):
         return flat
     return flat[: max(0, limit - 1)].rstrip() + "\u2026"
 
@@ -160,7 +163,10 @@ def _epoch_to_iso(value: Any) -> str | None:
     """resetsAt comes as epoch seconds (or ms); anything else is kept as text."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         seconds = value / 1000 if value > 1e11 else value
-        stamp = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+        try:
+            stamp = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+        except (OverflowError, ValueError, OSError):
+            return None
         return stamp.isoformat(timespec="seconds")
     return one_line(value, 60) or None if isinstance(value, str) else None
 

@@ -192,6 +192,7 @@ class Supervisor:
                 break
             self.murder_daemons()
             self.manage_daemons()
+            self.coordinator.pump()
             self.notify_progress()
 
     def _tick(self) -> float:
@@ -511,14 +512,11 @@ class Supervisor:
         self.health.beat(slot.name, time.monotonic())
         slot.connected = msg["connected"]
         status = msg["status"]
-        if slot.status in (SlotStatus.STARTING, SlotStatus.IDLE) and status == "idle":
-            if slot.status is SlotStatus.STARTING:
-                slot.idle_since = time.monotonic()
-            slot.status = SlotStatus.IDLE
-        elif status in ("promoting", "active", "demoting"):
+        if status in ("promoting", "active", "demoting"):
             slot.status = SlotStatus(status)
-        elif status == "idle" and slot.status in BUSY:
+        elif status == "idle" and slot.status in BUSY | {SlotStatus.STARTING}:
             slot.status, slot.idle_since = SlotStatus.IDLE, time.monotonic()
+            self.coordinator.pump()  # a daemon is free: announce what waits
 
     def _ipc_link(self, slot: Slot, msg: dict[str, Any]) -> None:
         event, detail = msg["event"], msg.get("detail", {})

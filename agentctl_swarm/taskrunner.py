@@ -81,7 +81,7 @@ class TaskRunner:
         result = await self.session.wait()
         if result.signal == signal.SIGKILL and self._oom_kills() > oom_before:
             result = dataclasses.replace(result, outcome=sessions.Outcome.FAIL, reason="oom",
-                                         retriable=True)
+                                         retriable=sessions.is_retriable("oom"))
         return result
 
     def _make_session(self) -> sessions.Session:

@@ -65,7 +65,8 @@ from agentctl_swarm.control.client import call as control_call  # noqa: E402
 from tests.swarmlib import Swarm, fake_agent_command, swarm_processes  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = 1024
+MIN_AVAILABLE_MB = 4096  # abort a run before it can push the machine into the OOM killer
+SCALE_TIMEOUT_S = 60.0
 
 
 # ---------------------------------------------------------------- /proc readers
@@ -127,6 +128,13 @@ def descendants(pid: int) -> list[int]:
         out.extend(kids)
         todo.extend(kids)
     return out
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
 
 
 def alive(pid: int) -> bool:
@@ -265,6 +273,8 @@ class Run:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(seen)}/{count} daemons heartbeat within {timeout:.0f}s")
             self.swarm.check_alive()
+            if mem_available_mb() < MIN_AVAILABLE_MB:
+                raise MemoryError(f"MemAvailable below {MIN_AVAILABLE_MB} MB with {len(seen)} up; aborted")
             time.sleep(0.01)
 
     def status(self) -> dict[str, Any]:
@@ -293,12 +303,28 @@ class Run:
         mem["relay_pss_mb"] = smaps_rollup(self.relay.pid).get("Pss", 0) / 1024
         return mem
 
+    def cpu_groups(self) -> dict[str, list[int]]:
+        assert self.relay is not None
+        return {"supervisor": [self.sup_pid], "daemons": self.daemon_pids(),
+                "helpers": self.helper_pids(), "relay": [self.relay.pid]}
+
+    def boot_cpu(self) -> dict[str, float]:
+        """CPU seconds each part has used since launch (at ready: what booting cost)."""
+        return {f"boot_cpu_{k}_s": sum(cpu_ticks(p) for p in v) / CLK_TCK
+                for k, v in self.cpu_groups().items()}
+
+    def fallbacks(self) -> int:
+        """Daemons the fork-server failed to start (the supervisor then exec'd them)."""
+        assert self.swarm is not None
+        log = self.swarm.home / ".agentctl" / "logs" / "supervisor.log"
+        try:
+            return sum(1 for line in log.open() if "fork-server could not start" in line)
+        except OSError:
+            return -1
+
     def idle_cpu(self, seconds: float) -> dict[str, float]:
         """Percent of one core over ``seconds`` for the supervisor, the daemons, the rest."""
-        assert self.relay is not None
-        daemons, helpers = self.daemon_pids(), self.helper_pids()
-        groups = {"supervisor": [self.sup_pid], "daemons": daemons, "helpers": helpers,
-                  "relay": [self.relay.pid]}
+        groups = self.cpu_groups()
         before = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}
         time.sleep(seconds)
         after = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}
@@ -392,13 +418,13 @@ def scale_up(run: Run, target: int) -> float:
     t0 = time.monotonic()
     before = set(run.observer.beats) if run.observer else set()
     run.swarm.cli("swarm", "scale", str(target))
-    deadline = t0 + 120
+    deadline = t0 + SCALE_TIMEOUT_S
     while True:
         seen = set(run.observer.beats) if run.observer else set()
         if len(seen) >= target and len(seen - before) >= target - len(before):
             return time.monotonic() - t0
         if time.monotonic() > deadline:
-            raise TimeoutError(f"scale up: {len(seen)}/{target} heartbeating after 120 s")
+            raise TimeoutError(f"scale up: {len(seen)}/{target} heartbeating after {SCALE_TIMEOUT_S:.0f} s")
         time.sleep(0.01)
 
 
@@ -407,13 +433,13 @@ def scale_down(run: Run, target: int) -> float:
     pids = run.daemon_pids()
     t0 = time.monotonic()
     run.swarm.cli("swarm", "scale", str(target))
-    deadline = t0 + 120
+    deadline = t0 + SCALE_TIMEOUT_S
     while True:
         left = [p for p in pids if alive(p)]
         if len(left) <= target:
             return time.monotonic() - t0
         if time.monotonic() > deadline:
-            raise TimeoutError(f"scale down: {len(left)} daemons still alive after 120 s")
+            raise TimeoutError(f"scale down: {len(left)} daemons still alive after {SCALE_TIMEOUT_S:.0f} s")
         time.sleep(0.01)
 
 
@@ -436,15 +462,17 @@ def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[s
     row: dict[str, Any] = {"mode": mode, "n": n, "rep": rep}
     try:
         row["ready_s"] = run.start()
+        row.update(run.boot_cpu())
         time.sleep(2.0)  # let the boot transients (first status, health sample) pass
         row.update(run.memory())
         if n == 100 and rep == 0:
             row.update(run.idle_cpu(opts.cpu_window))
-            row["recovery_s"] = recovery(run, opts.kills)
+            _scenario(row, "recovery_s", lambda: recovery(run, opts.kills))
         if n == 100:
-            row["scale_up_s"] = scale_up(run, 500)
-            row["reload_s"] = reload_latency(run, 3 if rep == 0 else 1)
-            row["scale_down_s"] = scale_down(run, 100)
+            _scenario(row, "scale_up_s", lambda: scale_up(run, 500))
+            row["daemons_at_reload"] = len(run.daemon_pids())
+            _scenario(row, "reload_s", lambda: reload_latency(run, 3 if rep == 0 else 1))
+            _scenario(row, "scale_down_s", lambda: scale_down(run, 100))
         if n == opts.big and rep == 0:
             row.update(run.idle_cpu(opts.cpu_window))
     except Exception as exc:  # noqa: BLE001 - a failed size is reported, not fatal
@@ -452,9 +480,19 @@ def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[s
         if run.swarm is not None:
             row["error"] += run.swarm.tail(15)
     finally:
+        if mode == "fork-server":
+            row["forkserver_fallbacks"] = run.fallbacks()
         run.stop()
         row["notes"] = run.notes
     return row
+
+
+def _scenario(row: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
+    """Run one scenario; a failure is recorded in the row and the next one still runs."""
+    try:
+        row[key] = fn()
+    except Exception as exc:  # noqa: BLE001
+        row.setdefault("scenario_errors", []).append(f"{key}: {type(exc).__name__}: {exc}")
 
 
 def bench_peer(n: int, rep: int) -> dict[str, Any]:
@@ -528,6 +566,11 @@ def table(rows: list[dict[str, Any]], opts: Options) -> str:
             ("cpu_daemons_pct", "all daemons CPU, % of a core", "< 1", 1),
             ("cpu_helpers_pct", "fork-server CPU, % of a core", "", 1),
             ("cpu_relay_pct", "relay CPU, % of a core", "", 1),
+            ("boot_cpu_supervisor_s", "CPU s to boot 100: supervisor", "", 1),
+            ("boot_cpu_daemons_s", "CPU s to boot 100: all daemons", "", 1),
+            ("boot_cpu_helpers_s", "CPU s to boot 100: fork-server", "", 1),
+            ("boot_cpu_relay_s", "CPU s to boot 100: relay", "", 1),
+            ("forkserver_fallbacks", "daemons exec'd because the fork-server failed", "0", 1),
             ("recovery_s", f"recovery beyond 1 s backoff, ms (median of {opts.kills})", "< 100", 1000),
             ("reload_s", "SIGHUP -> reloaded, ms (500 daemons)", "< 200", 1000),
             ("scale_up_s", "scale 100 -> 500, s", "< 4", 1),
@@ -547,6 +590,8 @@ def table(rows: list[dict[str, Any]], opts: Options) -> str:
                   f"relay {fmt(med(rows, 'fork-server', b, 'cpu_relay_pct'), 3)} %"]
     errors = [f"- {r['mode']} N={r['n']} rep {r['rep'] + 1}: {r['error'].splitlines()[0]}"
               for r in rows if "error" in r]
+    errors += [f"- {r['mode']} N={r['n']} rep {r['rep'] + 1}: {e}"
+               for r in rows for e in r.get("scenario_errors", [])]
     if errors:
         lines += ["", "## Failures", "", *errors]
     return "\n".join(lines)
@@ -588,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
     rows = run_all(opts, out)
     print(table(rows, opts))
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r or "scenario_errors" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -171,9 +171,11 @@ class Swarm:
             raise SwarmError("supervisor did not stop within the timeout" + self.tail())
 
     def kill(self) -> None:
+        """SIGKILL the supervisor (as a crash would); its daemons must die with it."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        self.proc = None
 
     def __enter__(self) -> "Swarm":
         return self

@@ -9,7 +9,8 @@ a message.id with the same usage, user tool_result, rate_limit_event, a final
 The behaviour is chosen by a directive in the prompt, `[fake:MODE]`, so a task's
 prompt drives it end to end; else by the env var FAKE_CLAUDE_MODE; else `success`.
 Modes: success, fail, hang, hang-ignore-term, slow:SECONDS[:STEPS], quota,
-quota-old, overflow, deny, api-error, throttle, max-turns, alloc:MB, text, crash,
+quota-old, quota-while:PATH (quota while PATH exists, else success: for quota
+probes), overflow, deny, api-error, throttle, max-turns, alloc:MB, text, crash,
 tokens:N, env, orphan, bigline:MB.
 
 The hang modes and `orphan` fork one grandchild in the same process group (as the
@@ -336,6 +337,7 @@ MODES = {
     "slow": do_slow,
     "quota": lambda run, arg: do_quota(run),
     "quota-old": lambda run, arg: do_quota_old(run),
+    "quota-while": lambda run, arg: do_quota(run) if os.path.exists(arg) else do_success(run),
     "overflow": lambda run, arg: do_overflow(run),
     "deny": lambda run, arg: do_deny(run),
     "api-error": lambda run, arg: do_api_error(run),

@@ -96,7 +96,7 @@ def test_hang_times_out_and_leaves_nothing(tmp_path, mode, expected_signal, min_
     result = run(session)
     elapsed = time.monotonic() - started
     assert (result.outcome, result.reason, result.signal) == (Outcome.FAIL, "timeout", expected_signal)
-    assert min_s <= elapsed < min_s + 2.0
+    assert min_s <= elapsed < min_s + 5.0  # generous: CI machines are shared
     child = int((tmp_path / "fake-child.pid").read_text())
     assert gone(child) and group_empty(session.pgid)
 
@@ -113,6 +113,14 @@ def test_quota_old_wording(tmp_path):
     result = run(make(tmp_path, "[fake:quota-old]"))
     assert (result.reason, result.quota) == ("quota", True)
     assert result.quota_resets_at.endswith("+00:00")
+
+
+def test_quota_while_flag_file_exists(tmp_path):
+    flag = tmp_path / "quota-flag"
+    flag.write_text("1")
+    assert run(make(tmp_path, "[fake:quota-while:%s]" % flag)).reason == "quota"
+    flag.unlink()
+    assert run(make(tmp_path, "[fake:quota-while:%s]" % flag)).outcome is Outcome.DONE
 
 
 def test_throttle_is_not_quota(tmp_path):
@@ -185,7 +193,7 @@ def test_status_is_throttled_and_last_one_flushed(tmp_path):
                    on_status=lambda text: calls.append((time.monotonic(), text)))
     result = run(session)
     assert result.outcome is Outcome.DONE
-    assert 2 <= len(calls) <= 6  # ~20 interesting lines over ~1.6 s
+    assert 2 <= len(calls) <= result.duration_s / 0.5 + 2  # ~20 interesting lines were offered
     gaps = [b[0] - a[0] for a, b in zip(calls, calls[1:-1])]
     assert all(gap >= 0.45 for gap in gaps)
     assert calls[-1][1].startswith("assistant: Wrote fake-output.txt")
@@ -205,7 +213,7 @@ def test_terminate_mid_run_is_cancelled_with_partial_output(tmp_path):
     result, session = asyncio.run(scenario())
     assert (result.outcome, result.reason, result.retriable) == (Outcome.FAIL, "cancelled", True)
     assert "Working, step 3 of 200." in result.partial_output
-    assert time.monotonic() - started < 5 and group_empty(session.pgid)
+    assert time.monotonic() - started < 10 and group_empty(session.pgid)
 
 
 def test_cancelling_wait_kills_the_group(tmp_path):
@@ -225,12 +233,11 @@ def test_cancelling_wait_kills_the_group(tmp_path):
     assert gone(int((tmp_path / "fake-child.pid").read_text()))
 
 
-def test_background_grandchild_is_killed_after_exit(tmp_path):
-    session = make(tmp_path, "[fake:orphan]")
-    started = time.monotonic()
-    result = run(session)
-    assert result.outcome is Outcome.DONE and time.monotonic() - started < 2
+def test_background_grandchild_is_killed_after_exit(tmp_path, caplog):
+    result = run(make(tmp_path, "[fake:orphan]"))  # the grandchild holds stdout open
+    assert result.outcome is Outcome.DONE
     assert gone(int((tmp_path / "fake-child.pid").read_text()))
+    assert "pipe still open" not in caplog.text  # the group kill closed it, no drain timeout
 
 
 def test_line_over_4_mib_is_dropped_and_reading_goes_on(tmp_path):

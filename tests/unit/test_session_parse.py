@@ -202,6 +202,16 @@ def test_rate_limit_event_alone_counts_only_when_the_run_failed():
     assert (ok.reason, bad.reason, bad.quota_resets_at) == ("", "quota", "2026-11-18T11:06:40+00:00")
 
 
+@pytest.mark.parametrize("resets_at,expected", [
+    (1795000000, "2026-11-18T11:06:40+00:00"), (1795000000000, "2026-11-18T11:06:40+00:00"),
+    (10 ** 30, None), ("tomorrow 9am", "tomorrow 9am"), (True, None)])
+def test_rate_limit_resets_at_forms(resets_at, expected):
+    parser = StreamParser()
+    parser.feed(json.dumps({"type": "rate_limit_event",
+                            "rate_limit_info": {"status": "rejected", "resetsAt": resets_at}}))
+    assert parser.rate_limit_rejected and parser.resets_at == expected
+
+
 def test_timeout_and_cancel_keep_partial_output():
     parser = stream("no_result.jsonl")
     result = classify(parser, exit_code=None, signal=9, timed_out=True, stderr_tail="", duration_s=1.25)
@@ -265,7 +275,7 @@ JSON = st.recursive(
     max_leaves=25)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(JSON | st.text(max_size=80), max_size=6), st.integers(-20, 255))
 def test_parser_and_classify_never_raise(items, code):
     parser = StreamParser()
