@@ -9,7 +9,7 @@ setup:
 	$(PIP) install -q systemd-python || echo "systemd-python not built (journald logging off; needs libsystemd-dev pkg-config gcc)"
 
 demo: setup
-	$(PYTHON) -m agentctl_swarm.demo
+	$(PYTHON) examples/demo.py
 
 test: setup
 	$(PYTHON) -m pytest -q

@@ -1,0 +1,175 @@
+"""Where a forked daemon's boot time and private memory go.
+
+Run:  python bench/profile_daemon.py [--daemons 20] [--cprofile] [--tracemalloc]
+
+This process plays supervisor and fork-server at once: it preloads exactly as the
+fork-server does (``forkserver.preload()``, which ends in ``gc.freeze()``), then
+forks real daemons (``apply_in_child`` + ``daemon.main_forked``) that boot over a
+real IPC socketpair and connect to a real relay subprocess. It prints, per
+daemon, the boot phases seen from the parent (fork -> hello -> ready on the
+relay) and USS at each phase, the private memory of one idle daemon by mapping,
+and optionally a cProfile of one daemon's boot and a tracemalloc top list of what
+it allocated after the fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import re
+import signal
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from swarm_bench import Relay, smaps_rollup  # noqa: E402
+
+from agentctl_swarm import ipc  # noqa: E402
+
+
+def uss_kb(pid: int) -> int:
+    r = smaps_rollup(pid)
+    return r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)
+
+
+def boot_message(name: str, workdir: Path, url: str) -> dict[str, Any]:
+    spec = {"name": name, "role": "general", "path": str(workdir / name), "channels": ["#agents"],
+            "repo": None, "instructions": "", "swarm_id": str(workdir)}
+    return {"t": "boot", "workspace": spec, "server": url, "channels": ["#agents"],
+            "send_interval": 1.0, "heartbeat_interval": 30.0, "status_interval": 10.0,
+            "max_task_duration": 1800.0, "shutdown_grace": 5.0, "agent_command": ["true"],
+            "agent_env": {}, "coordinator_id": "", "cgroup": None, "sandbox": None, "grants": []}
+
+
+def child(fd: int, name: str, mode: str, out: Path) -> None:
+    """In the forked child: what the fork-server's _run_daemon does, plus the probe."""
+    from agentctl_swarm import daemon
+    from agentctl_swarm.spawner import LaunchPlan, apply_in_child
+    apply_in_child(LaunchPlan(name=name, keep_fds=(fd,), supervisor_pid=None))
+    code = 1
+    try:
+        if mode == "cprofile":
+            import cProfile
+            prof = cProfile.Profile()
+            code = prof.runcall(daemon.main_forked, fd)
+            prof.dump_stats(str(out))
+        elif mode == "tracemalloc":
+            import tracemalloc
+            tracemalloc.start(8)
+
+            def dump(*_: Any) -> None:
+                snap = tracemalloc.take_snapshot()
+                snap = snap.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+                with out.open("w") as fh:
+                    total = sum(s.size for s in snap.statistics("filename"))
+                    fh.write(f"traced after fork: {total / 1024:.0f} kB\n")
+                    for stat in snap.statistics("lineno")[:25]:
+                        fh.write(f"{stat.size / 1024:8.1f} kB {stat.count:6d}  {stat.traceback[0]}\n")
+            signal.signal(signal.SIGUSR2, dump)
+            code = daemon.main_forked(fd)
+        else:
+            code = daemon.main_forked(fd)
+    finally:
+        os._exit(code)
+
+
+def read_frame(sock: socket.socket) -> dict[str, Any]:
+    header = sock.recv(4, socket.MSG_WAITALL)
+    (length,) = struct.unpack(">I", header)
+    return ipc.decode(sock.recv(length, socket.MSG_WAITALL))
+
+
+def wait_for(sock: socket.socket, kind: str, timeout: float = 30.0) -> dict[str, Any]:
+    sock.settimeout(timeout)
+    while True:
+        msg = read_frame(sock)
+        if msg["t"] == kind:
+            return msg
+
+
+def by_mapping(pid: int) -> Counter[str]:
+    """Private kB per mapping name (anonymous mappings pooled as [anon])."""
+    agg: Counter[str] = Counter()
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            name = parts[5].rsplit("/", 1)[-1] if len(parts) > 5 else "[anon]"
+        elif parts[0] in ("Private_Dirty:", "Private_Clean:"):
+            agg[name] += int(parts[1])
+    return agg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--daemons", type=int, default=20)
+    parser.add_argument("--cprofile", action="store_true", help="cProfile the first daemon's boot")
+    parser.add_argument("--tracemalloc", action="store_true", help="tracemalloc in the first daemon")
+    args = parser.parse_args()
+    mode = "cprofile" if args.cprofile else "tracemalloc" if args.tracemalloc else "plain"
+    work = Path(tempfile.mkdtemp(prefix="profile-daemon-"))
+    relay = Relay(work)
+    t0 = time.perf_counter()
+    from agentctl_swarm import forkserver
+    forkserver.preload()
+    print(f"preload (imports + warm-up + gc.freeze): {time.perf_counter() - t0:.3f} s, "
+          f"parent USS {uss_kb(os.getpid()) / 1024:.1f} MB")
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    kids: list[tuple[int, socket.socket]] = []
+    phases: dict[str, list[float]] = {"fork_ms": [], "hello_ms": [], "ready_ms": []}
+    mem: dict[str, list[float]] = {"uss_at_hello_mb": [], "uss_at_ready_mb": [], "uss_idle_mb": []}
+    try:
+        for i in range(args.daemons):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            name = f"prof-{i:03d}"
+            out = work / f"{name}.{mode}"
+            t_fork = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:
+                ours.close()
+                child(theirs.fileno(), name, mode if i == 0 else "plain", out)
+            phases["fork_ms"].append((time.perf_counter() - t_fork) * 1000)
+            theirs.close()
+            wait_for(ours, "hello")
+            phases["hello_ms"].append((time.perf_counter() - t_fork) * 1000)
+            mem["uss_at_hello_mb"].append(uss_kb(pid) / 1024)
+            ours.sendall(ipc.encode(boot_message(name, work / "ws", relay.url)))
+            wait_for(ours, "ready")
+            phases["ready_ms"].append((time.perf_counter() - t_fork) * 1000)
+            mem["uss_at_ready_mb"].append(uss_kb(pid) / 1024)
+            kids.append((pid, ours))
+        time.sleep(3)
+        for pid, _ in kids:
+            mem["uss_idle_mb"].append(uss_kb(pid) / 1024)
+        for key, values in {**phases, **mem}.items():
+            print(f"{key:18s} median {statistics.median(values):8.2f}  max {max(values):8.2f}")
+        print("private memory of one idle daemon by mapping (kB):")
+        for name, kb in by_mapping(kids[-1][0]).most_common(8):
+            print(f"  {kb:7d}  {name}")
+        if mode == "tracemalloc":
+            os.kill(kids[0][0], signal.SIGUSR2)
+            time.sleep(1)
+            print((work / "prof-000.tracemalloc").read_text())
+    finally:
+        for pid, sock in kids:
+            os.kill(pid, signal.SIGTERM)
+        for pid, sock in kids:
+            os.waitpid(pid, 0)
+            sock.close()
+        relay.stop()
+    if mode == "cprofile":
+        stats = pstats.Stats(str(work / "prof-000.cprofile"))
+        stats.sort_stats("cumulative").print_stats(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
