@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import session as sessions
@@ -71,6 +72,7 @@ class TaskRunner:
                                     f"## Current task {self.task_id}\n\nStarted {self.started}.\n\n"
                                     f"### Prompt\n\n{self.prompt}\n")
             self._branch()
+        _place_file_grants(spec.root, d.boot.get("grants", []))
         oom_before = self._oom_kills()
         self.session = self._make_session()
         pid = await self.session.start()
@@ -177,6 +179,26 @@ class TaskRunner:
         if self.session is not None:
             self.session.terminate(grace)
         await self._done.wait()
+
+
+def _place_file_grants(root: Path, grants: list[dict[str, Any]]) -> None:
+    """Secret files granted with a ``path``: a symlink in the workspace to the file.
+
+    The sandbox allows reading that one file (isolation.sandbox_spec), so the link
+    works inside the session while the file's directory stays out of reach.
+    """
+    for grant in grants:
+        rel, target = grant.get("path"), grant.get("file")
+        if not rel or not target or rel.startswith("/") or ".." in Path(rel).parts:
+            continue
+        link = root / rel
+        link.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
+        tmp = link.with_name(f".{link.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
 
 
 def _read_grants(grants: list[dict[str, Any]]) -> dict[str, str]:

@@ -64,6 +64,7 @@ class Observer:
         self.hb_count: dict[str, int] = {}
         self.verdicts: list[tuple[float, str, str, str]] = []  # (time, verb, task, agent)
         self.connected_since: float | None = None
+        self.task_lines: set[str] = set()  # ids of TASK lines the relay delivered (any sender)
 
     @property
     def connected(self) -> bool:
@@ -92,6 +93,8 @@ class Observer:
 
     def _on_msg(self, frame: dict[str, Any]) -> None:
         content, sender = frame.get("content"), str(frame.get("from", ""))
+        if isinstance(content, str) and content.startswith("TASK "):
+            self.task_lines.add(content.split(" ", 2)[1] if content.count(" ") >= 1 else "")
         if not isinstance(content, str) or sender in self.ignore or frame.get("to") != CHANNEL:
             return
         words = content.split(" ", 3)

@@ -528,7 +528,8 @@ class Soak:
                 self.pending.pop(("relay-missing", a["name"]), None)
                 continue
             seen = self.observer.last_hb.get(a["name"], 0.0)
-            bad = now - seen > age + HB_INTERVAL + 1.0
+            # A link problem must show in status within the heartbeat deadline (interval x misses).
+            bad = now - seen > age + HB_INTERVAL * HB_MISSES + 1.0
             self.confirm(("relay-missing", a["name"]), bad, "status-vs-relay",
                          f"{a['name']} is connected per status (heartbeat {age}s ago) but the relay "
                          f"delivered no HEARTBEAT from it for {now - seen:.1f}s")
@@ -685,9 +686,11 @@ class Soak:
             self.note("sighup-deleted", "config file removed while the supervisor reads it")
             time.sleep(1.0)
             os.rename(hidden, path)
+            time.sleep(0.5)
+            os.kill(self.sup_pid() or 0, signal.SIGHUP)  # back to the intended config, as an operator would
         if kind != "valid" and before is not None:
             keep = before["supervisor"]["max_active"]
-            time.sleep(0.5)
+            time.sleep(0.2)
             after = self.status()
             if after is not None and after["supervisor"]["max_active"] != keep:
                 self.violation("reload-keeps-old-config",
@@ -784,13 +787,19 @@ class Soak:
 
     def fault_loop(self, deadline: float) -> None:
         plan = self.schedule()
+        retries = {name: 3 for name in plan}
         pool = [f for f in self.FAULTS if f != "kill-supervisor"] + ["kill-supervisor"]
         while plan or time.time() < deadline:
             name = plan.pop(0) if plan else self.rng.choice(pool)
             if not plan and time.time() > deadline - 30 and name in ("kill-supervisor", "relay-outage"):
                 continue  # keep the end of a long run calm enough to measure the final state
             self.swarm.check_alive()  # type: ignore[union-attr]
+            before = len(self.faults)
             self.FAULTS[name](self)
+            last = self.faults[-1][2] if len(self.faults) > before else ""
+            if ("no candidate" in last or "no active session" in last) and retries.get(name, 0) > 0:
+                retries[name] -= 1
+                plan.insert(min(2, len(plan)), name)  # a required fault must happen: try again soon
             self.stop_posting.wait(self.rng.uniform(1.0, 4.0))
 
     # ------------------------------------------------------------------ the run
@@ -963,7 +972,10 @@ class Soak:
 
     def check_tasks(self) -> list[Check]:
         tasks = self.final["tasks"]
-        lost = [p.id for p in self.posted.values() if p.certain and p.id not in tasks]
+        seen = self.observer.task_lines
+        lost = [p.id for p in self.posted.values() if p.id not in tasks
+                and (p.certain if p.via == "cli" else p.id in seen)]
+        unsent = [p.id for p in self.posted.values() if p.via == "channel" and p.id not in seen]
         states: dict[str, int] = {}
         for t in tasks.values():
             states[t["state"]] = states.get(t["state"], 0) + 1
@@ -980,7 +992,8 @@ class Soak:
                 wrong.append(f"{t['id']} [{mode}] done")
         return [
             Check("no task lost", not lost, f"{len(self.posted)} posted ({self.refused_posts} refused while down), "
-                  f"{len(lost)} missing" + (f": {lost[:10]}" if lost else "") + f"; states {states}"),
+                  f"{len(lost)} missing" + (f": {lost[:10]}" if lost else "")
+                  + (f"; channel posts the relay never delivered (not counted): {unsent}" if unsent else "") + f"; states {states}"),
             Check("no task stuck open", not stuck, f"{len(stuck)} open after drain" + (f": {stuck[:8]}" if stuck else "")),
             Check("failures carry a reason", not no_reason, f"{len(no_reason)} without" + (f": {no_reason[:10]}" if no_reason else "")),
             Check("outcome matches the fake's mode", not wrong, f"{len(wrong)} wrong" + (f": {wrong[:10]}" if wrong else "")),
