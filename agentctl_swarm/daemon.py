@@ -98,6 +98,7 @@ class Daemon:
         self._booted: asyncio.Future[dict[str, Any]] | None = None
         self._stopped: asyncio.Future[int] | None = None
         self._hb: asyncio.TimerHandle | None = None
+        self.confinement = "none"
 
     # --- lifecycle -------------------------------------------------------
     async def run(self) -> int:
@@ -120,6 +121,7 @@ class Daemon:
             self.send_ipc({"t": "fatal", "reason": f"boot failed: {exc}"[:2000]})
             await asyncio.sleep(0.05)
             return EXIT_BOOT_FAILED
+        self.confinement = self._confine()
         self._start_link(identity)
         self._report_interrupted()
         self._set_status(Status.IDLE)
@@ -132,6 +134,17 @@ class Daemon:
         self.spec = WorkspaceSpec(**self.boot["workspace"])
         set_title(f"agentctl-swarm daemon {self.spec.name}")
         return workspace.prepare(self.spec)
+
+    def _confine(self) -> str:
+        """Confine this daemon to its workspace where that does not hinder it."""
+        from .isolation import confine_daemon
+        assert self.spec is not None
+        try:
+            return confine_daemon(self.boot.get("sandbox"), self.spec.root, self.spec.tmp_dir,
+                                  self.boot.get("grants", []))
+        except Exception as exc:  # noqa: BLE001 - an unconfined daemon still works; say so
+            log.warning("daemon not confined: %s", exc, extra={"event": "sandbox"})
+            return "none"
 
     def _start_link(self, identity: Any) -> None:
         from .agentchat.client import AgentChatClient
@@ -254,7 +267,7 @@ class Daemon:
     def _on_link_event(self, event: str, detail: dict[str, Any]) -> None:
         if event == "connected":
             self.send_ipc({"t": "ready", "agent_id": str(detail.get("agent_id", "")),
-                           "lurk": bool(detail.get("lurk", False))})
+                           "lurk": bool(detail.get("lurk", False)), "confined": self.confinement})
             if detail.get("lurk"):
                 log.warning("agentchat says this identity is lurking (lurk_until %s)",
                             detail.get("lurk_until"), extra={"event": "lurk"})

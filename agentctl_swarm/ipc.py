@@ -24,7 +24,7 @@ _HEADER = struct.Struct(">I")
 _STR, _INT, _NUM, _BOOL, _DICT, _LIST = str, int, (int, float), bool, dict, list
 FROM_DAEMON: dict[str, dict[str, tuple[Any, bool]]] = {
     "hello": {"pid": (_INT, True), "name": (_STR, True)},
-    "ready": {"agent_id": (_STR, True), "lurk": (_BOOL, False)},
+    "ready": {"agent_id": (_STR, True), "lurk": (_BOOL, False), "confined": (_STR, False)},
     "heartbeat": {"status": (_STR, True), "connected": (_BOOL, True), "queued": (_INT, False)},
     "link": {"event": (_STR, True), "detail": (_DICT, False)},
     "promote": {"task_id": (_STR, True)},
@@ -33,7 +33,6 @@ FROM_DAEMON: dict[str, dict[str, tuple[Any, bool]]] = {
                       "summary": (_STR, False), "tokens": (_INT, True), "cost_usd": (_NUM, True),
                       "quota": (_BOOL, False), "retriable": (_BOOL, False),
                       "usage": (_DICT, False)},
-    "chat": {"line": (_STR, True), "sender": (_STR, False)},
     "interrupted": {"task_id": (_STR, True), "started": (_STR, False)},
     "log": {"level": (_STR, True), "msg": (_STR, True), "task": (_STR, False), "event": (_STR, False)},
     "fatal": {"reason": (_STR, True)},

@@ -93,6 +93,25 @@ def resolve(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path) -> dict[
                                "read_only": list(policy.read_only)}}
 
 
+def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
+                   grants: list[dict[str, str]]) -> str:
+    """Landlock the daemon itself after boot; returns what is in force ("landlock"/"none").
+
+    Only with Landlock sessions: bubblewrap cannot start inside a Landlock domain
+    (no mounts). The daemon gets the session's policy plus read access to the
+    package (lazy imports) and to the secret files it hands to its sessions; its
+    sessions then nest their own, stricter domain inside this one.
+    """
+    if not spec or spec.get("kind") != "landlock":
+        return "none"
+    import agentctl_swarm
+    extra = list(spec.get("extra_read", ())) + [str(Path(agentctl_swarm.__file__).parent)]
+    extra += [g["file"] for g in grants if g.get("file")]
+    policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"], extra_read=extra)
+    sandbox.apply_landlock(policy)
+    return "landlock"
+
+
 def policy_from_spec(spec: dict[str, Any]) -> sandbox.SandboxPolicy:
     policy = spec["policy"]
     return sandbox.SandboxPolicy(read_write=tuple(policy["read_write"]),

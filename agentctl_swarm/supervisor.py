@@ -86,6 +86,7 @@ class Slot:
     degraded_reason: str = ""
     link_problem: str = ""
     oom_seen: int = 0
+    confined: str = "none"
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
     def fields(self, **more: Any) -> dict[str, Any]:
@@ -504,6 +505,7 @@ class Supervisor:
 
     def _ipc_ready(self, slot: Slot, msg: dict[str, Any]) -> None:
         slot.agent_id, slot.lurk, slot.link_problem = msg["agent_id"][:64], msg.get("lurk", False), ""
+        slot.confined = msg.get("confined", "none")[:32]
         if slot.lurk:
             log.warning("%s is in its lurk period on %s", slot.name, self.relay_url,
                         extra=slot.fields(event="lurk"))
@@ -548,9 +550,6 @@ class Supervisor:
 
     def _ipc_interrupted(self, slot: Slot, msg: dict[str, Any]) -> None:
         self.coordinator.task_interrupted(msg["task_id"], slot.name, "daemon restarted")
-
-    def _ipc_chat(self, slot: Slot, msg: dict[str, Any]) -> None:
-        pass
 
     # ------------------------------------------------------- reload, status, stop
     def reload(self) -> dict[str, Any]:
@@ -647,7 +646,7 @@ class Supervisor:
                 "task_elapsed_s": None if slot.task_started is None else round(now - slot.task_started, 1),
                 "connected": slot.connected, "lurk": slot.lurk, "last_exit": slot.last_exit,
                 "degraded_reason": slot.degraded_reason, "link_problem": slot.link_problem,
-                "spawned_via": slot.spawned_via,
+                "spawned_via": slot.spawned_via, "daemon_confinement": slot.confined,
                 "memory_usage_mb": self._cgroup_usage(slot),
             })
         return {"supervisor": {

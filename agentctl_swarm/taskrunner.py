@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,13 +114,10 @@ class TaskRunner:
         if not workspace.is_git_repo(spec.root) or not verbs.is_valid_task_id(self.task_id):
             return
         branch = f"swarm/{spec.name}/{self.task_id}"
-        for args in (["checkout", "-q", "-b", branch], ["checkout", "-q", branch]):
-            proc = subprocess.run(["git", "-C", str(spec.root), *args], capture_output=True,
-                                  text=True, timeout=60)
-            if proc.returncode == 0:
-                return
-        log.warning("could not create branch %s: %s", branch, proc.stderr.strip()[:200],
-                    extra=self._extra("git"))
+        try:
+            workspace.git(spec.root, "checkout", "-q", "-B", branch)
+        except workspace.WorkspaceError as exc:
+            log.warning("could not create branch %s: %s", branch, exc, extra=self._extra("git"))
 
     def _oom_kills(self) -> int:
         spec = self.d.boot.get("cgroup")

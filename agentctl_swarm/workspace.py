@@ -120,29 +120,30 @@ def _make_dir(spec: WorkspaceSpec) -> bool:
 def _clone(spec: WorkspaceSpec) -> None:
     """Clone ``repo`` into the fresh workspace, keeping our .gitignore's protection."""
     tmp = spec.root / ".clone-tmp"
-    cmd = ["git", "clone", "--quiet", "--no-checkout", "--", spec.repo or "", str(tmp)]
-    _git(cmd, spec)
+    git(spec.root, "clone", "--quiet", "--no-checkout", "--", spec.repo or "", str(tmp))
     os.rename(tmp / ".git", spec.root / ".git")
     shutil.rmtree(tmp)
-    _git(["git", "-C", str(spec.root), "checkout", "--quiet", "-f", "HEAD"], spec)
+    git(spec.root, "checkout", "--quiet", "-f", "HEAD")
     exclude = spec.root / ".git" / "info" / "exclude"
     exclude.parent.mkdir(parents=True, exist_ok=True)
     with open(exclude, "a", encoding="utf-8") as fh:
         fh.write("\n" + "\n".join(SECURITY_IGNORES) + "\n")
 
 
-def _git(cmd: list[str], spec: WorkspaceSpec) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(spec.root),
-           "GIT_TERMINAL_PROMPT": "0", "LANG": "C.UTF-8"}
+def git(root: Path, *args: str) -> None:
+    """Run git in ``root`` with a minimal environment (HOME is the workspace)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
+           "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "LANG": "C.UTF-8"}
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, timeout=600)
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True,
+                       env=env, timeout=600)
     except FileNotFoundError:
         raise WorkspaceError("git is not installed") from None
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or "").strip().splitlines()[-1:] or ["failed"]
-        raise WorkspaceError(f"{spec.name}: git {cmd[1]} failed: {detail[0]}") from None
+        raise WorkspaceError(f"git {args[0]} failed: {detail[0]}") from None
     except subprocess.TimeoutExpired:
-        raise WorkspaceError(f"{spec.name}: git {cmd[1]} timed out") from None
+        raise WorkspaceError(f"git {args[0]} timed out") from None
 
 
 def is_git_repo(root: Path) -> bool:

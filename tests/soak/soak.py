@@ -673,29 +673,28 @@ class Soak:
             want = self.max_active
             self.note("sighup-valid", f"max-active -> {want}")
             self.expect(f"reload applied max-active {want}", 5, lambda s: s["supervisor"]["max_active"] == want)
-        elif kind == "broken":
-            path.write_text("max-active: [this is not a number\n  heartbeat-interval: -3\n")
-            os.kill(self.sup_pid() or 0, signal.SIGHUP)
-            self.note("sighup-broken", "invalid YAML")
-            time.sleep(1.0)
-            _write_atomic(path, good)
         else:
             hidden = path.with_name("swarm.yaml.soak-hidden")
-            os.rename(path, hidden)
+            if kind == "broken":
+                path.write_text("max-active: [this is not a number\n  heartbeat-interval: -3\n")
+            else:
+                os.rename(path, hidden)
             os.kill(self.sup_pid() or 0, signal.SIGHUP)
-            self.note("sighup-deleted", "config file removed while the supervisor reads it")
+            self.note(f"sighup-{kind}", "invalid YAML" if kind == "broken"
+                      else "config file removed while the supervisor reads it")
             time.sleep(1.0)
-            os.rename(hidden, path)
-            time.sleep(0.5)
-            os.kill(self.sup_pid() or 0, signal.SIGHUP)  # back to the intended config, as an operator would
-        if kind != "valid" and before is not None:
-            keep = before["supervisor"]["max_active"]
-            time.sleep(0.2)
             after = self.status()
-            if after is not None and after["supervisor"]["max_active"] != keep:
+            keep = before["supervisor"]["max_active"] if before else None
+            if after is not None and keep is not None and after["supervisor"]["max_active"] != keep:
                 self.violation("reload-keeps-old-config",
                                f"sighup-{kind}: max-active changed {keep} -> {after['supervisor']['max_active']}")
             self.hup_notes.append(kind)
+            if kind == "broken":
+                _write_atomic(path, good)
+            else:
+                os.rename(hidden, path)
+                time.sleep(0.3)
+                os.kill(self.sup_pid() or 0, signal.SIGHUP)  # back to the intended config, as an operator would
 
     def fault_scale(self, direction: str) -> None:
         assert self.swarm is not None
