@@ -252,6 +252,7 @@ class Coordinator:
                 self.say(verbs.Rejected(verb.task_id, verb.agent))
             return
         record.state, record.agent = "assigned", verb.agent
+        record.announced_at = time.monotonic()  # from now on: when it was assigned
         self._save()
         self.say(verbs.Assign(verb.task_id, verb.agent))
         log.info("task %s assigned to %s", verb.task_id, verb.agent,
@@ -330,9 +331,14 @@ class Coordinator:
         return min(queued, key=lambda t: t.created) if queued else None
 
     def _expire_announcements(self) -> None:
-        """A task nobody claimed (no idle daemon of its role) goes back to the queue."""
+        """A task nobody claimed, or whose assignee never asked to run it, is queued again."""
         now = time.monotonic()
         for record in self.tasks.values():
+            if record.state == "assigned" and now - (record.announced_at or now) > ANNOUNCE_TIMEOUT_S:
+                log.info("task %s: %s never started it; queued again", record.id, record.agent,
+                         extra=log_fields(task=record.id, event="assign-expired"))
+                self._requeue(record, "assignee did not start it", count_attempt=False, front=True)
+                continue
             if record.state == "announced" and record.source == "cli" and \
                     now - (record.announced_at or now) > ANNOUNCE_TIMEOUT_S:
                 record.state = "queued"
@@ -426,6 +432,12 @@ class Coordinator:
             self._finish(record, "failed", reason)
         log.info("task %s %s %s", record.id, record.state, record.reason,
                  extra=log_fields(agent=record.agent, task=record.id, event=f"task-{record.state}"))
+
+    def agent_gone(self, agent: str, reason: str) -> None:
+        """A daemon died: whatever it was assigned or running goes back to the queue."""
+        for record in list(self.tasks.values()):
+            if record.agent == agent and record.state in ("assigned", "running"):
+                self.task_interrupted(record.id, agent, reason)
 
     def task_interrupted(self, task_id: str, agent: str, reason: str) -> None:
         record = self.tasks.get(task_id)

@@ -116,7 +116,11 @@ class Daemon:
         root.addHandler(IpcLogHandler(self))
         root.setLevel(logging.INFO)
         try:
-            identity = self._prepare()
+            if self.boot["workspace"].get("repo"):
+                self._schedule_heartbeat()  # a clone can take minutes: stay visibly alive
+                identity = await asyncio.to_thread(self._prepare)
+            else:
+                identity = self._prepare()
         except Exception as exc:  # noqa: BLE001 - reported, then a distinct exit code
             self.send_ipc({"t": "fatal", "reason": f"boot failed: {exc}"[:2000]})
             await asyncio.sleep(0.05)

@@ -118,6 +118,7 @@ class Supervisor:
         self.reaper: Reaper | None = None
         self.coordinator = Coordinator(self)
         self.saved_restarts: dict[str, Any] = {}
+        self.teardowns: set[asyncio.Future[bool]] = set()
         self.isolation: Isolation | None = None
         self.relay_pid: int | None = None
         self.relay_url = ""
@@ -343,6 +344,15 @@ class Supervisor:
         return candidates[:count]
 
     async def spawn_daemon(self, slot: Slot) -> None:
+        """Start the daemon of ``slot``; any failure is a crash, handled by the restart policy."""
+        try:
+            await self._spawn_daemon(slot)
+        except Exception as exc:  # noqa: BLE001 - a slot must never be left half-started
+            log.exception("could not start %s", slot.name, extra=slot.fields(event="spawn"))
+            if slot.pid is None:
+                self._crashed(slot, f"spawn failed: {exc}")
+
+    async def _spawn_daemon(self, slot: Slot) -> None:
         cgroup = None
         limit = self.config.for_role(slot.role).memory_limit
         if self.cgroups is not None and limit:
@@ -429,9 +439,8 @@ class Supervisor:
             slot.channel.close()
             slot.channel = None
         self._kill_leftovers(slot)
-        if slot.task_id:
-            self.coordinator.task_interrupted(slot.task_id, slot.name, reason)
-            slot.task_id = slot.session_pid = None
+        self.coordinator.agent_gone(slot.name, reason)
+        slot.task_id = slot.session_pid = slot.task_started = None
         if slot.retiring or self.stopping:
             log.info("%s stopped (%s)", slot.name, reason, extra=slot.fields(event="exit"))
             if slot.retiring:
@@ -483,7 +492,16 @@ class Supervisor:
         if self.cgroups is not None:
             self.cgroups.remove(slot.name)
         if not self.config.persist:
-            teardown(slot.workspace, confirm=True)
+            # rmtree of a cloned repository can take seconds: not in the loop.
+            assert self._loop is not None
+            future = self._loop.run_in_executor(None, teardown, slot.workspace, True)
+            self.teardowns.add(future)
+            future.add_done_callback(self._teardown_done)
+
+    def _teardown_done(self, future: "asyncio.Future[bool]") -> None:
+        self.teardowns.discard(future)
+        if future.exception() is not None:
+            log.error("workspace teardown failed: %s", future.exception(), extra=log_fields(event="teardown"))
 
     def _later(self, delay: float, fn: Callable[[], Any], slot: Slot | None = None) -> None:
         assert self._loop is not None
@@ -707,6 +725,8 @@ class Supervisor:
         await self._stop_helpers()
         for slot in list(self.slots.values()):
             self._forget(slot)
+        if self.teardowns:
+            await asyncio.wait(list(self.teardowns), timeout=60)
         if self.control is not None:
             await self.control.stop()
         if self.reaper is not None:

@@ -215,7 +215,7 @@ def created_by_swarm(root: Path) -> bool:
     return isinstance(marker, dict) and marker.get("created_by") == "agentctl-swarm"
 
 
-def teardown(root: Path, *, confirm: bool = False) -> bool:
+def teardown(root: Path, confirm: bool = False) -> bool:
     """Delete a workspace the swarm created. Refuses without ``confirm=True``."""
     if not confirm:
         raise WorkspaceError(f"{root}: teardown needs confirm=True")

@@ -116,6 +116,9 @@ def test_v1_session_over_the_limit_is_oom_killed(v1_swarm: Swarm) -> None:
     assert not group.exists(), "the agent's cgroup outlived the swarm"
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "supervisor bug: shutdown() never calls CgroupManager.remove_base(), so the empty "
+    "agentctl-swarm-<uid>-<hash> v1 group outlives every swarm"))
 def test_v1_no_cgroup_left_after_stop(v1_swarm: Swarm) -> None:
     v1_swarm.start(timeout=READY_TIMEOUT)
     base = swarm_base(v1_swarm.home)
@@ -273,21 +276,24 @@ def test_rlimit_session_over_the_limit_fails_oom_and_daemon_lives(
         assert swarm.stop() == 0
 
 
-def test_rlimit_daemon_over_its_limit(user_python: tuple[str, str], user_home: Path) -> None:
-    """Under RLIMIT_AS there is no OOM kill: a daemon that cannot allocate fails with MemoryError.
-
-    What the supervisor calls that exit is recorded, and the daemon is restarted per backoff.
-    """
+@pytest.mark.xfail(strict=True, reason=(
+    "supervisor bug: under RLIMIT_AS the limit is applied to the daemon itself, whose own address "
+    "space (~40 MB, plus 8 MB per thread stack) counts against it; asyncio's ThreadedChildWatcher "
+    "then cannot start its thread, Session.start raises RuntimeError after the child was created, "
+    "and the task is reported 'spawn-failed' while its session runs on unsupervised"))
+def test_rlimit_limit_below_the_daemons_own_size(user_python: tuple[str, str], user_home: Path) -> None:
+    """Under RLIMIT_AS there is no OOM kill, and an idle daemon allocates nothing new, so a
+    daemon "over its limit" keeps running; the overrun shows at the next task. That task must
+    fail as ``oom`` (the session could not get its memory), with the daemon unharmed."""
     python, fake = user_python
-    config = user_config(python, fake, "16M") | {"start-timeout": "1s"}
-    with UserSwarm(user_home, config, python) as swarm:
-        swarm.start(wait_ready=False)
-        swarm.wait_for(lambda: agent(swarm)["restarts"] >= 2, timeout=60, what="two restarts")
-        last_exit = agent(swarm)["last_exit"]
-        print(f"RLIMIT daemon overrun reported as: {last_exit!r}")
-        delays = [e["msg"] for e in log_entries(swarm, "backoff") if e.get("agent") == AGENT][:2]
-        assert delays == [f"restarting {AGENT} in 1s (restart 1)", f"restarting {AGENT} in 2s (restart 2)"]
-        assert last_exit == "oom", f"a daemon out of address space is reported as {last_exit!r}"
+    with UserSwarm(user_home, user_config(python, fake, "16M"), python) as swarm:
+        daemon = agent(swarm.start(timeout=READY_TIMEOUT))
+        size = Path(f"/proc/{daemon['pid']}/status").read_text().split("VmSize:")[1].split()[0]
+        assert int(size) * 1024 > 16 << 20, "the daemon is not over its own limit; raise the test's size"
+        swarm.add_task("small [fake:success]", "small")
+        task = swarm.wait_tasks(["small"], ("done", "failed"), timeout=TASK_TIMEOUT)["small"]
+        assert agent(swarm)["pid"] == daemon["pid"]
+        assert (task["state"], task["reason"]) == ("failed", "oom"), task
         assert swarm.stop() == 0
 
 

@@ -305,3 +305,28 @@ def test_relay_loss_while_active_keeps_working(make_swarm) -> None:
     assert task["agent"] == "swarm-general-001"
     swarm.wait_for(lambda: swarm.agents()["swarm-general-001"]["connected"], 30, "reconnect")
     assert swarm.status()["supervisor"]["relay_pid"] not in (None, relay)
+
+
+def test_repo_clone_and_task_branch(make_swarm, tmp_path: Path) -> None:
+    import subprocess
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "commit", "-q", "--allow-empty", "-m", "root"]):
+        subprocess.run(cmd, cwd=origin, check=True, env=env)
+    (origin / ".gitignore").write_text("build/\n")
+    subprocess.run(["git", "add", ".gitignore"], cwd=origin, check=True, env=env)
+    subprocess.run(["git", "commit", "-q", "-m", "ignore"], cwd=origin, check=True, env=env)
+    swarm = make_swarm(count=1, repo=str(origin))
+    ws = Path(swarm.agents()["swarm-general-001"]["workspace"])
+    assert (ws / ".git").is_dir() and (ws / ".gitignore").read_text() == "build/\n"
+    exclude = (ws / ".git" / "info" / "exclude").read_text()
+    assert "*.pem" in exclude and ".agentchat/" in exclude  # protection kept without touching tracked files
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True).stdout
+    assert ".agentchat" not in status and "CLAUDE.md" in status  # keys never show up as committable
+    swarm.add_task("work [fake:success]", "br-1")
+    swarm.wait_tasks(["br-1"])
+    branch = subprocess.run(["git", "branch", "--show-current"], cwd=ws, capture_output=True,
+                            text=True).stdout.strip()
+    assert branch == "swarm/swarm-general-001/br-1"
