@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .errors import StateError
 from .state import read_json, write_json_atomic
+from .system.journal import log_fields
 
 log = logging.getLogger("agentctl_swarm.budget")
 
@@ -33,8 +35,12 @@ class Budget:
         return problem
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"used": self.used, "cost_usd": round(self.cost_usd, 6),
-                                      "limit": self.limit, "quota_paused": self.quota_paused})
+        """Persist the totals; a full disk costs the write, never the swarm."""
+        try:
+            write_json_atomic(self.path, {"used": self.used, "cost_usd": round(self.cost_usd, 6),
+                                          "limit": self.limit, "quota_paused": self.quota_paused})
+        except StateError as exc:
+            log.error("budget not saved: %s", exc, extra=log_fields(event="state"))
 
     def add(self, tokens: int, cost_usd: float) -> None:
         self.used += max(0, tokens)

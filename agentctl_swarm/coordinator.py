@@ -339,8 +339,7 @@ class Coordinator:
                          extra=log_fields(task=record.id, event="assign-expired"))
                 self._requeue(record, "assignee did not start it", count_attempt=False, front=True)
                 continue
-            if record.state == "announced" and record.source == "cli" and \
-                    now - (record.announced_at or now) > ANNOUNCE_TIMEOUT_S:
+            if record.state == "announced" and now - (record.announced_at or now) > ANNOUNCE_TIMEOUT_S:
                 record.state = "queued"
                 log.info("task %s was not claimed in %.0fs; queued again", record.id,
                          ANNOUNCE_TIMEOUT_S, extra=log_fields(task=record.id, event="announce-expired"))

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import struct
 from typing import Any, Callable
 
+log = logging.getLogger(__name__)
 MAX_FRAME = 256 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -118,7 +120,10 @@ class Channel(asyncio.Protocol):
             except IpcError as exc:
                 self._abort(exc)
                 return
-            self._on_message(msg)
+            try:
+                self._on_message(msg)
+            except Exception:  # noqa: BLE001 - a bug in one handler must not cut the peer off
+                log.exception("IPC handler failed on a %r message", msg.get("t"))
 
     def _abort(self, exc: Exception) -> None:
         self._buf.clear()

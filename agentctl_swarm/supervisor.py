@@ -281,6 +281,7 @@ class Supervisor:
 
     def _on_forkserver_exit(self, pid: int, info: proc.ExitInfo) -> None:
         self.spawner.forkserver.close()  # type: ignore[union-attr]
+        self.spawner.forkserver.pid = None  # type: ignore[union-attr]
         if self.stopping:
             return
         decision = self.forkserver_restarts.on_exit(time.monotonic())
@@ -574,7 +575,8 @@ class Supervisor:
         """SIGHUP: re-read the config; a broken file keeps the old one running."""
         self.notifier.reloading()
         try:
-            new = load_config(self.config_arg)
+            # The file the swarm runs on: if it vanished, that is an error, not "use defaults".
+            new = load_config(self.config.source or self.config_arg)
         except ConfigError as exc:
             log.error("config reload failed, keeping the old config: %s", exc,
                       extra=log_fields(event="reload-failed"))
@@ -677,8 +679,8 @@ class Supervisor:
             "memory_enforcement_detail": self.cgroups.description if self.cgroups else "",
             "sandbox": self.isolation.description if self.isolation else "none",
             "ready": self.ready_sent, "relay_pid": self.relay_pid,
-            "forkserver_pid": self.spawner.forkserver.pid if self.spawner.forkserver
-            and self.spawner.forkserver.alive else None,
+            "forkserver_pid": self.spawner.forkserver.pid if self.spawner.forkserver else None,
+            "forkserver_ready": bool(self.spawner.forkserver and self.spawner.forkserver.alive),
         }, "agents": agents}
 
     def _cgroup_usage(self, slot: Slot) -> float | None:
@@ -727,6 +729,11 @@ class Supervisor:
             self._forget(slot)
         if self.teardowns:
             await asyncio.wait(list(self.teardowns), timeout=60)
+        if self.cgroups is not None:
+            try:
+                self.cgroups.remove_base()
+            except OSError as exc:
+                log.warning("cgroup base not removed: %s", exc, extra=log_fields(event="cgroup"))
         if self.control is not None:
             await self.control.stop()
         if self.reaper is not None:

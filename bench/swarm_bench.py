@@ -242,6 +242,7 @@ class Run:
     observer: Observer | None = None
     swarm: Swarm | None = None
     t_launch: float = 0.0
+    ready_timeout: float = 60.0
     notes: list[str] = field(default_factory=list)
 
     def config(self, **more: Any) -> dict[str, Any]:
@@ -260,7 +261,7 @@ class Run:
         self.swarm = Swarm(home, self.config())
         self.t_launch = time.monotonic()
         self.swarm.start("--count", str(self.count), wait_ready=False)
-        return self.wait_heartbeats(self.count, self.t_launch, timeout=max(60.0, self.count * 0.5))
+        return self.wait_heartbeats(self.count, self.t_launch, timeout=self.ready_timeout)
 
     def wait_heartbeats(self, count: int, since: float, timeout: float,
                         names: Callable[[dict[str, float]], int] | None = None) -> float:
@@ -454,11 +455,12 @@ class Options:
     cpu_window: float
     kills: int
     quick: bool
+    ready_timeout: float
 
 
 def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[str, Any]:
     """One fresh swarm of ``n``: ready, memory and, at 100 on rep 0, the extra scenarios."""
-    run = Run(mode, n, base)
+    run = Run(mode, n, base, ready_timeout=opts.ready_timeout or max(60.0, n * 0.5))
     row: dict[str, Any] = {"mode": mode, "n": n, "rep": rep}
     try:
         row["ready_s"] = run.start()
@@ -548,6 +550,9 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 
 def table(rows: list[dict[str, Any]], opts: Options) -> str:
+    if not opts.modes:
+        return "\n".join(f"| {r['mode']} | N={r['n']} | ready {fmt(r.get('ready_s'))} s | "
+                         f"USS/PSS {fmt(r.get('uss_mb'))}/{fmt(r.get('pss_mb'))} MB |" for r in rows)
     modes = opts.modes + opts.peers
     lines = ["## Ready time (s, median) and memory per idle daemon (MB, median)", "",
              "| N | " + " | ".join(f"{m} ready" for m in modes) + " | "
@@ -616,6 +621,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser.add_argument("--spawn", default="fork-server,exec")
     parser.add_argument("--peers", default="supervisord", help="comma list, or '' for none")
     parser.add_argument("--big", type=int, default=None, help="the N-daemons row (0 = skip)")
+    parser.add_argument("--ready-timeout", type=float, default=0.0,
+                        help="give up waiting for N heartbeats after this many s (default max(60, N/2))")
     parser.add_argument("--out", type=Path, help="also write every row as JSON here")
     args = parser.parse_args(argv)
     return Options(sizes=[int(s) for s in args.sizes.split(",") if s],
@@ -624,7 +631,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
                    peers=[p for p in args.peers.split(",") if p],
                    big=args.big if args.big is not None else (0 if args.quick else 1000),
                    cpu_window=20.0 if args.quick else 60.0,
-                   kills=10 if args.quick else 20, quick=args.quick), args.out
+                   kills=10 if args.quick else 20, quick=args.quick,
+                   ready_timeout=args.ready_timeout), args.out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,10 @@ next MSG goes ``send_interval`` after the echo (not after the send), so the
 server — which stamps the time when it accepts a MSG — never sees two closer
 than the interval.  A MSG in flight when the connection drops is put back at
 the head and sent again after reconnecting (at-least-once).  If no echo comes
-within ``ack_timeout`` the MSG is assumed delivered and the queue moves on.
+within ``ack_timeout`` the link is taken for dead (a frozen or half-open peer):
+the connection is aborted, the MSG stays at the head of the queue and is sent
+again after reconnecting. An idle daemon heartbeats every interval, so a dead
+relay is noticed within one interval plus ``ack_timeout``.
 
 Own echoes are not passed to ``on_message``; nor are the real server's replays
 of channel history (``replay: true``) unless ``deliver_replay``.
@@ -370,11 +373,14 @@ class AgentChatClient:
         self._kick.set()
 
     def _ack_timed_out(self, item: tuple[str, str]) -> None:
-        if self._inflight is item:
-            log.warning("agentchat %s: no echo for MSG to %s within %ss; assuming delivered",
-                        self._identity.name, item[0], self._ack_timeout)
-            self._ack_timer = None
-            self._settle()
+        if self._inflight is not item:
+            return
+        log.warning("agentchat %s: no echo for MSG to %s within %ss; the link looks dead, "
+                    "reconnecting", self._identity.name, item[0], self._ack_timeout)
+        self._ack_timer = None
+        transport = getattr(self._ws, "transport", None)
+        if transport is not None:
+            transport.abort()  # _read() sees the close; _lost() requeues the MSG in flight
 
     async def _sender(self) -> None:
         loop = asyncio.get_running_loop()

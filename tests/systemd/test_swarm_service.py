@@ -79,6 +79,7 @@ class Service:
         self.config_path = f"{self.home}/.agentctl/swarm.yaml"
         self.unit_dir = f"{self.home}/.config/systemd/user"
         self.install_unit_error = ""
+        self.started: dict[str, Any] = {}  # what was seen as `systemctl start` returned
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
         return self.box.run([self.agentctl, *args], user=self.user, check=check, timeout=timeout).stdout
@@ -175,8 +176,7 @@ def service(container: Container, swarm_user: str, agentctl_venv: str) -> Iterat
     started = svc.box.user_systemctl("start", UNIT, user=swarm_user, check=False, timeout=150)
     returned = time.time()
     snapshot = svc.status() if started.returncode == 0 else {}
-    svc.started = {"called": called, "returned": returned, "snapshot": snapshot,  # type: ignore[attr-defined]
-                   "result": started}
+    svc.started = {"called": called, "returned": returned, "snapshot": snapshot, "result": started}
     try:
         yield svc
     finally:
@@ -184,7 +184,7 @@ def service(container: Container, swarm_user: str, agentctl_venv: str) -> Iterat
 
 
 def test_start_returns_only_after_ready_with_daemons_up(service: Service) -> None:
-    started = service.started  # type: ignore[attr-defined]
+    started = service.started
     tail = "\n".join(str(e.get("MESSAGE")) for e in service.messages()[-20:])
     assert started["result"].returncode == 0, started["result"].stderr + tail
     snap = started["snapshot"]
@@ -301,7 +301,7 @@ def test_stop_ends_everything_within_the_grace_period(service: Service) -> None:
     begun = time.monotonic()
     service.systemctl("stop", UNIT)
     took = time.monotonic() - begun
-    assert took < GRACE_S + 4.0, f"stop took {took:.1f}s"
+    assert took < GRACE_S + 5.0, f"stop took {took:.1f}s"
     assert service.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
     assert not service_processes(service.box)
     uid = service.box.uid(service.user)

@@ -1,0 +1,161 @@
+"""Regression tests for failures the fault-injection soak found (tests/soak)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agentctl_swarm import ipc
+from tests.swarmlib import Swarm, base_config
+
+
+def _log(swarm: Swarm) -> str:
+    return (swarm.home / ".agentctl" / "logs" / "supervisor.log").read_text()
+
+
+def test_ipc_handler_exception_keeps_the_channel() -> None:
+    """Soak finding 1: an exception in a message handler closed the daemon's IPC channel."""
+    seen: list[str] = []
+    closed: list[object] = []
+
+    def handler(msg: dict) -> None:
+        seen.append(msg["t"])
+        if msg["t"] == "boom":
+            raise RuntimeError("handler bug")
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        channel = await ipc.open_channel(ours, handler, closed.append)
+        theirs.sendall(ipc.encode({"t": "boom"}) + ipc.encode({"t": "after"}))
+        for _ in range(50):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert channel.transport is not None and not channel.transport.is_closing()
+        channel.close()
+        theirs.close()
+
+    asyncio.run(main())
+    assert seen == ["boom", "after"] and closed in ([], [None])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_state_disk_does_not_kill_daemons(tmp_path: Path) -> None:
+    """Soak finding 1: with the state directory full, every finishing session killed its daemon."""
+    swarm = Swarm(tmp_path / "home", base_config(count=1))
+    state = swarm.state_dir
+    state.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with swarm:
+            swarm.start()
+            filler = state / "filler"
+            try:
+                with open(filler, "wb") as fh:
+                    while True:
+                        fh.write(b"\0" * 4096)
+                        fh.flush()
+            except OSError:
+                pass  # full
+            swarm.add_task("work [fake:success]", "full-1")
+            time.sleep(0.5)
+            for _ in range(2):
+                task = swarm.wait_tasks(["full-1"], timeout=30)["full-1"]
+            agent = swarm.agents()["swarm-general-001"]
+            assert agent["restarts"] == 0 and agent["status"] == "idle", agent
+            assert task["attempts"] == 0 and task["tokens"] > 0
+            assert "not saved" in _log(swarm) or "cannot write state" in (swarm.log_path.read_text())
+            filler.unlink(missing_ok=True)  # space is back: the next change is saved again
+            swarm.add_task("again [fake:success]", "full-2")
+            swarm.wait_tasks(["full-2"], timeout=30)
+            saved = json.loads((state / "tasks.json").read_text())
+            assert {t["id"] for t in saved["tasks"]} >= {"full-1", "full-2"}
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_reload_with_vanished_config_keeps_the_old_one(tmp_path: Path) -> None:
+    """Soak finding 2: SIGHUP with the config file gone silently loaded the defaults."""
+    cfg = base_config(count=2, **{"max-active": 3, "persist": True})
+    with Swarm(tmp_path / "home", cfg) as swarm:
+        swarm.start()
+        swarm.cli("swarm", "scale", "3")
+        swarm.wait_for(lambda: len(swarm.agents()) == 3, 20, "3 daemons")
+        swarm.config_path.unlink()
+        result = swarm.cli("swarm", "reload", check=False)
+        assert result.returncode == 1 and "old config kept" in result.stderr
+        snap = swarm.status()["supervisor"]
+        assert snap["max_active"] == 3 and snap["desired"] == 3
+        assert "config reloaded" not in _log(swarm)
+
+
+def test_unclaimed_channel_task_is_requeued(tmp_path: Path) -> None:
+    """Soak finding 3: a TASK posted on the channel that nobody claimed held a slot forever."""
+    from tests.integration.test_tasks import _raw_client
+    with Swarm(tmp_path / "home", base_config(count=1)) as swarm:
+        swarm.start()
+        url = swarm.status()["supervisor"]["agentchat_server"]
+        _raw_client(url, "poster", ["TASK ch-qa-1 qa nobody here has that role"])
+        swarm.wait_for(lambda: swarm.tasks().get("ch-qa-1", {}).get("state") == "announced", 10, "seen")
+        swarm.wait_for(lambda: swarm.tasks()["ch-qa-1"]["state"] == "queued", 20, "expiry")
+        swarm.add_task("other work [fake:success]", "after-1")
+        swarm.wait_tasks(["after-1"], timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the cgroup-v1 memory controller is writable by root only")
+def test_no_cgroup_left_after_stop(tmp_path: Path) -> None:
+    """Soak finding 4: the swarm's cgroup base directory outlived the swarm."""
+    cfg = base_config(count=2, agent={"memory-limit": "512M"})
+    swarm = Swarm(tmp_path / "home", cfg)
+    with swarm:
+        swarm.start()
+        detail = swarm.status()["supervisor"]["memory_enforcement_detail"]
+        if "cgroup-v1" not in detail:
+            pytest.skip(f"no cgroup-v1 memory controller here ({detail})")
+        base = Path(detail.split(" at ", 1)[1])
+        digest = hashlib.sha256(str(swarm.home / ".agentctl").encode()).hexdigest()[:10]
+        assert base.name.endswith(digest) and (base / "swarm-general-001").is_dir()
+    assert not base.exists()
+
+
+def test_frozen_relay_is_noticed_and_survived(tmp_path: Path) -> None:
+    """Soak finding 5: with the relay frozen, status kept saying every agent was connected."""
+    cfg = base_config(count=2, **{"heartbeat-interval": "1s", "heartbeat-misses": 30})
+    with Swarm(tmp_path / "home", cfg) as swarm:
+        swarm.start()
+        relay = swarm.status()["supervisor"]["relay_pid"]
+        os.kill(relay, signal.SIGSTOP)
+        try:
+            swarm.wait_for(lambda: not any(a["connected"] for a in swarm.agents().values()), 30,
+                           "agents to notice the frozen relay")
+        finally:
+            os.kill(relay, signal.SIGCONT)
+        swarm.wait_for(lambda: all(a["connected"] for a in swarm.agents().values()), 60, "reconnect")
+        swarm.add_task("after the outage [fake:success]", "thaw-1")
+        swarm.wait_tasks(["thaw-1"], timeout=30)
+
+
+def test_status_shows_a_starting_forkserver(tmp_path: Path) -> None:
+    """Soak finding 6: a fork-server still preloading was missing from status."""
+    with Swarm(tmp_path / "home", base_config(count=1)) as swarm:
+        swarm.start()
+        sup = swarm.status()["supervisor"]
+        assert sup["forkserver_pid"] and sup["forkserver_ready"] is True
+        os.kill(sup["forkserver_pid"], signal.SIGSTOP)  # frozen mid-life: still reported
+        try:
+            assert swarm.status()["supervisor"]["forkserver_pid"] == sup["forkserver_pid"]
+        finally:
+            os.kill(sup["forkserver_pid"], signal.SIGCONT)
