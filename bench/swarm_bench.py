@@ -166,7 +166,8 @@ class Observer:
 
     async def _connect(self) -> bool:
         self.client = AgentChatClient(self.url, Identity.generate("bench-observer"), ["#agents"],
-                                      on_message=self._on_message, send_interval=1.0)
+                                      on_message=self._on_message, send_interval=1.0,
+                                      keepalive=None)  # no ping timeouts under load: loopback
         self.loop.create_task(self.client.run())
         return await self.client.wait_connected(20)
 

@@ -132,7 +132,9 @@ def assert_confined(swarm: Swarm, report: dict[str, Any], task_id: str) -> None:
     assert snap["supervisor"]["desired"] == 2 and len(snap["agents"]) == 2
     refused = [e for e in map(json.loads, (home / ".agentctl/logs/supervisor.log").read_text().splitlines())
                if "control connection refused" in e.get("msg", "")]
-    assert len(refused) >= 3, "the control server did not log the refusals"
+    reached = [k for k, v in report.items() if k.startswith("escape_control") and k != ORPHAN
+               and not str(v).startswith("denied: ENOENT")]  # bwrap hides the socket
+    assert len(refused) >= len(reached), f"refusals not logged: {reached} vs {refused}"
 
 
 def bwrap_problem() -> str | None:
