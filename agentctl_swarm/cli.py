@@ -161,25 +161,20 @@ def cmd_swarm_reload(args: argparse.Namespace, paths: SwarmPaths) -> int:
 
 
 def cmd_swarm_logs(args: argparse.Namespace, paths: SwarmPaths) -> int:
-    from .system.journal import read_logs
-    unit = os.environ.get("AGENTCTL_SWARM_UNIT") or _systemd_unit(paths)
-    return read_logs(args.agent, args.follow, log_dir=paths.log_dir, unit=unit)
-
-
-def _systemd_unit(paths: SwarmPaths) -> str | None:
-    """The unit name when the running supervisor is a systemd service."""
+    """The journal when the running swarm is a systemd service (user or system), else the files."""
+    from .system.journal import current_unit, read_logs
     from .system.pidfile import running_pid
     pid = running_pid(paths.pidfile)
-    if not pid:
-        return None
-    try:
-        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return None
-    for part in cgroup.replace("\n", "/").split("/"):
-        if part.startswith("agentctl-swarm") and part.endswith(".service"):
-            return part
-    return None
+    found = current_unit(pid) if pid else None
+    if found is None or not found[0].startswith("agentctl-swarm"):
+        return read_logs(args.agent, args.follow, log_dir=paths.log_dir, unit=None)
+    unit, user_unit = found
+    code = read_logs(args.agent, args.follow, log_dir=paths.log_dir, unit=unit, user_unit=user_unit)
+    if code != 0 and not args.follow:  # e.g. a volatile journal a user may not read
+        print(f"agentctl: the journal of {unit} is not readable here; showing the log files",
+              file=sys.stderr)
+        code = read_logs(args.agent, False, log_dir=paths.log_dir, unit=None)
+    return code
 
 
 def cmd_swarm_install_unit(args: argparse.Namespace, paths: SwarmPaths) -> int:

@@ -360,7 +360,10 @@ class Supervisor:
             group = self.cgroups.create(slot.name, limit, self.config.for_role(slot.role).cpu_weight)
             cgroup = group.to_spec()
             slot.oom_seen = group.oom_kills()
-        plan = LaunchPlan(name=slot.name, cgroup=cgroup)
+        # RLIMIT_AS is for the agent session (the task runner applies it): on the daemon itself
+        # its interpreter, thread stacks and malloc arenas would use the limit up.
+        joined = cgroup if cgroup and cgroup.get("enforcement") != "rlimit" else None
+        plan = LaunchPlan(name=slot.name, cgroup=joined)
         slot.status, slot.connected = SlotStatus.STARTING, False
         try:
             pid, sock, via = await self.spawner.spawn_daemon(plan)

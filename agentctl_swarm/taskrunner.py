@@ -94,7 +94,8 @@ class TaskRunner:
         argv = list(boot["agent_command"]) + [self.prompt]
         from .isolation import resolve
         plan = LaunchPlan(name=f"{spec.name}/{self.task_id}", supervisor_pid=os.getpid(),
-                          new_session=False, sandbox=resolve(boot.get("sandbox"), spec.root, spec.tmp_dir))
+                          new_session=False, sandbox=resolve(boot.get("sandbox"), spec.root, spec.tmp_dir),
+                          cgroup=_session_limit(boot.get("cgroup")))
         if plan.sandbox and plan.sandbox.get("kind") == "bwrap":
             from .isolation import bwrap_argv_from_spec
             argv = bwrap_argv_from_spec(plan.sandbox, argv, cwd=str(spec.root))
@@ -195,6 +196,11 @@ def _place_file_grants(root: Path, grants: list[dict[str, Any]]) -> None:
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
         os.replace(tmp, link)
+
+
+def _session_limit(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The RLIMIT_AS spec to apply in the session (cgroups are inherited from the daemon)."""
+    return spec if spec and spec.get("enforcement") == "rlimit" else None
 
 
 def _read_grants(grants: list[dict[str, Any]]) -> dict[str, str]:

@@ -46,7 +46,15 @@ def boot_message(name: str, workdir: Path, url: str) -> dict[str, Any]:
     return {"t": "boot", "workspace": spec, "server": url, "channels": ["#agents"],
             "send_interval": 1.0, "heartbeat_interval": 30.0, "status_interval": 10.0,
             "max_task_duration": 1800.0, "shutdown_grace": 5.0, "agent_command": ["true"],
-            "agent_env": {}, "coordinator_id": "", "cgroup": None, "sandbox": None, "grants": []}
+            "agent_env": {}, "coordinator_id": "", "cgroup": None, **_isolation(name)}
+
+
+def _isolation(name: str) -> dict[str, Any]:
+    """The sandbox spec and grants the supervisor would send with the default config."""
+    from agentctl_swarm.config import load_config
+    from agentctl_swarm.isolation import Isolation
+    iso = Isolation.detect(load_config(None))
+    return {"sandbox": iso.sandbox_spec(name, "general"), "grants": iso.env_grants(name, "general")}
 
 
 def child(fd: int, name: str, mode: str, out: Path) -> None:

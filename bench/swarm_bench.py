@@ -457,6 +457,7 @@ class Options:
     kills: int
     quick: bool
     ready_timeout: float
+    rep_offset: int = 0
 
 
 def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[str, Any]:
@@ -512,14 +513,14 @@ def run_all(opts: Options, out: Path | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = Path(tempfile.mkdtemp(prefix="agentctl-bench-"))
     sizes = sorted(set(opts.sizes + ([opts.big] if opts.big else [])))
-    for rep in range(opts.reps):
+    for rep in range(opts.rep_offset, opts.rep_offset + opts.reps):
         for n in sizes:
             targets = list(opts.modes) if n != opts.big else ["fork-server"]
             targets += [p for p in opts.peers if n != opts.big]
             for target in targets:
                 if n == opts.big and rep > 0:
                     continue
-                print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1}/{opts.reps} {target} N={n}",
+                print(f"[{time.strftime('%H:%M:%S')}] rep {rep + 1} {target} N={n}",
                       file=sys.stderr, flush=True)
                 row = bench_peer(n, rep) if target == "supervisord" else \
                     bench_size(target, n, rep, opts, base)
@@ -624,6 +625,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser.add_argument("--big", type=int, default=None, help="the N-daemons row (0 = skip)")
     parser.add_argument("--ready-timeout", type=float, default=0.0,
                         help="give up waiting for N heartbeats after this many s (default max(60, N/2))")
+    parser.add_argument("--rep-offset", type=int, default=0,
+                        help="number the repetitions from here (>0 skips the CPU/recovery scenarios, "
+                             "which run on repetition 0 only): to add repetitions to an earlier run")
     parser.add_argument("--out", type=Path, help="also write every row as JSON here")
     args = parser.parse_args(argv)
     return Options(sizes=[int(s) for s in args.sizes.split(",") if s],
@@ -633,10 +637,18 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
                    big=args.big if args.big is not None else (0 if args.quick else 1000),
                    cpu_window=20.0 if args.quick else 60.0,
                    kills=10 if args.quick else 20, quick=args.quick,
-                   ready_timeout=args.ready_timeout), args.out
+                   ready_timeout=args.ready_timeout, rep_offset=args.rep_offset), args.out
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM, and SIGINT even when started in the background (where it is ignored),
+    # unwind through the finally blocks, so every swarm and relay is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     opts, out = parse_args(argv)
     print(f"# swarm_bench: {' '.join(sys.argv)}  ({os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)

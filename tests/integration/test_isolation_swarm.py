@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -342,3 +343,56 @@ def test_control_socket_is_private_and_refuses_another_uid(tmp_path: Path) -> No
         assert os.waitpid(pid, 0)[1] >> 8 == 0, "another uid could connect to the control socket"
         assert swarm.cli("swarm", "status").returncode == 0
         assert swarm.stop() == 0
+
+
+# ----------------------------------------------------------------- the workspace's .git
+
+HOOK = """#!/bin/sh
+# Planted by a session (its workspace is writable). Runs when the daemon checks out
+# the next task's branch: in the daemon's context, not the session's sandbox.
+cat "{home}/.ssh/id_ed25519" > "{ws}/stolen-key" 2>/dev/null
+daemon=$(cut -d' ' -f4 /proc/$PPID/stat)
+tr '\\0' '\\n' < /proc/$daemon/environ > "{ws}/daemon-environ" 2>/dev/null
+exit 0
+"""
+
+
+def plant_git_hook(ws: Path, home: Path) -> None:
+    """What any session can do in its own workspace: make it a repository with a hook."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ws), "GIT_CONFIG_NOSYSTEM": "1"}
+    subprocess.run(["git", "-C", str(ws), "init", "-q"], check=True, env=env, timeout=30)
+    subprocess.run(["git", "-C", str(ws), "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-q",
+                    "--allow-empty", "-m", "init"], check=True, env=env, timeout=30)
+    hook = ws / ".git" / "hooks" / "post-checkout"
+    hook.write_text(HOOK.format(home=home, ws=ws))
+    hook.chmod(0o755)
+
+
+@pytest.mark.parametrize("kind", [
+    "landlock",  # the daemon confines itself: the hook runs, but inside the daemon's domain
+    pytest.param("bwrap", marks=pytest.mark.xfail(strict=True, reason=(
+        "taskrunner._branch runs git in the daemon, which is unconfined under bwrap: a hook "
+        "(or core.fsmonitor, a filter driver...) planted by a session in its workspace's .git "
+        "runs outside any sandbox with the supervisor's uid and reads ~/.ssh"))),
+])
+def test_hooks_planted_in_the_workspace_do_not_run_outside_the_sandbox(tmp_path: Path, kind: str) -> None:
+    problem = bwrap_problem() if kind == "bwrap" else landlock_problem()
+    if problem:
+        pytest.skip(problem)
+    home = tmp_path / "home"
+    plant_credentials(home)
+    config = base_config(count=1, sandbox=kind, **{"workspace-base": str(home / "ws")})
+    with Swarm(home, config, extra_env=LEAKY_ENV) as swarm:
+        swarm.start(timeout=TIMEOUT)
+        ws = home / "ws" / "swarm-general-001"
+        plant_git_hook(ws, home)
+        swarm.add_task("anything [fake:success]", "after-hook")
+        assert swarm.wait_tasks(["after-hook"], timeout=TIMEOUT)["after-hook"]["state"] == "done"
+        assert "swarm/swarm-general-001/after-hook" in subprocess.run(
+            ["git", "-C", str(ws), "branch"], capture_output=True, text=True, timeout=30).stdout
+        stolen = (ws / "stolen-key").read_text() if (ws / "stolen-key").exists() else ""
+        environ = (ws / "daemon-environ").read_text() if (ws / "daemon-environ").exists() else ""
+        assert swarm.stop() == 0  # (tears the workspace down)
+    assert "planted-ssh-key" not in stolen, "a planted hook read ~/.ssh outside the sandbox"
+    leaked = [k for k in LEAKY_ENV if f"{k}=" in environ]
+    assert leaked == [], f"a planted hook read the supervisor's environment: {leaked}"

@@ -33,7 +33,8 @@ FAKE_AGENT = "fake_claude.py"
 COUNT = 2
 GRACE_S = 3.0
 MEMORY_LIMIT = "512M"
-DROP_IN = "[Service]\nWatchdogSec=3s\nRestartSec=200ms\n"
+WATCHDOG_S = 3.0
+DROP_IN = f"[Service]\nWatchdogSec={WATCHDOG_S:g}s\nRestartSec=200ms\n"
 FIRST = "swarm-general-001"
 SECOND = "swarm-general-002"
 
@@ -269,6 +270,10 @@ def test_reload_with_a_broken_file_keeps_the_old_config(service: Service) -> Non
 
 def test_watchdog_kills_a_stopped_supervisor_and_leaves_no_orphan(service: Service) -> None:
     """SIGSTOP: no WATCHDOG=1 for 3 s, systemd aborts it, kills the rest, starts a new run."""
+    first = service.show("MainPID", "NRestarts")
+    time.sleep(max(0.0, WATCHDOG_S + 0.5 - service.status()["supervisor"]["uptime_s"]))
+    assert service.show("MainPID", "NRestarts") == first, "restarted although it was running"
+    assert first["NRestarts"] == "0", "the running supervisor did not keep the watchdog fed"
     service.cli("task", "add", "z [fake:hang]", "--id", "sd-hang")
     service.wait_task("sd-hang", ("running",))
     old_daemons = set(service.pids().values())
