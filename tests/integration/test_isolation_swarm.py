@@ -157,8 +157,12 @@ def root_swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm
     home = tmp_path / "home"
     plant_credentials(home)
     config = swarm_config(escape_command(sys.executable, ESCAPE_AGENT, home), home, kind)
-    with Swarm(home, config, extra_env=LEAKY_ENV) as swarm:
-        yield swarm
+    # A real notify socket too: the supervisor uses NOTIFY_SOCKET, no session may see it.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        env = {**LEAKY_ENV, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        with Swarm(home, config, extra_env=env) as swarm:
+            yield swarm
 
 
 @pytest.mark.parametrize("root_swarm", ["auto", "bwrap"], indirect=True)
@@ -170,7 +174,7 @@ def test_root_sessions_cannot_escape(root_swarm: Swarm) -> None:
     agent, report = run_escape(root_swarm, "esc1")
     assert agent in AGENTS
     assert_confined(root_swarm, report, "esc1")
-    assert not set(report["env_names"]) & set(LEAKY_ENV), report["env_names"]
+    assert not set(report["env_names"]) & (set(LEAKY_ENV) | {"NOTIFY_SOCKET"}), report["env_names"]
     # The swarm still works for its owner after all that.
     root_swarm.cli("task", "add", "again", "--id", "after-escape")
     assert root_swarm.wait_tasks(["after-escape"], timeout=TIMEOUT)["after-escape"]["state"] == "done"
