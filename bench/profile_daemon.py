@@ -138,7 +138,7 @@ def main() -> int:
         for i in range(args.daemons):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             name = f"prof-{i:03d}"
-            out = work / f"{name}.{mode}"
+            out = work / "ws" / name / f"profile.{mode}"  # the daemon Landlocks itself to its workspace
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
@@ -165,7 +165,7 @@ def main() -> int:
         if mode == "tracemalloc":
             os.kill(kids[0][0], signal.SIGUSR2)
             time.sleep(1)
-            print((work / "prof-000.tracemalloc").read_text())
+            print((work / "ws" / "prof-000" / "profile.tracemalloc").read_text())
     finally:
         for pid, sock in kids:
             os.kill(pid, signal.SIGTERM)
@@ -174,8 +174,8 @@ def main() -> int:
             sock.close()
         relay.stop()
     if mode == "cprofile":
-        stats = pstats.Stats(str(work / "prof-000.cprofile"))
-        stats.sort_stats("cumulative").print_stats(30)
+        stats = pstats.Stats(str(work / "ws" / "prof-000" / "profile.cprofile"))
+        stats.sort_stats("cumulative").print_stats(40)
     return 0
 
 

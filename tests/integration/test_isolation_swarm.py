@@ -26,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,11 +159,21 @@ def root_swarm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Swarm
     plant_credentials(home)
     config = swarm_config(escape_command(sys.executable, ESCAPE_AGENT, home), home, kind)
     # A real notify socket too: the supervisor uses NOTIFY_SOCKET, no session may see it.
+    # It is drained as systemd would: the supervisor's notify send blocks on a full queue.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify.sock"))
+        threading.Thread(target=_drain, args=(notify,), daemon=True).start()
         env = {**LEAKY_ENV, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
         with Swarm(home, config, extra_env=env) as swarm:
             yield swarm
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 @pytest.mark.parametrize("root_swarm", ["auto", "bwrap"], indirect=True)
@@ -400,3 +411,33 @@ def test_hooks_planted_in_the_workspace_do_not_run_outside_the_sandbox(tmp_path:
     assert "planted-ssh-key" not in stolen, "a planted hook read ~/.ssh outside the sandbox"
     leaked = [k for k in LEAKY_ENV if f"{k}=" in environ]
     assert leaked == [], f"a planted hook read the supervisor's environment: {leaked}"
+
+
+@pytest.mark.parametrize("kind", [
+    "landlock",  # the daemon is confined: placing the link out there is refused
+    pytest.param("bwrap", marks=pytest.mark.xfail(strict=True, reason=(
+        "taskrunner._place_file_grants follows a directory symlink a session planted at the "
+        "grant's parent (.secrets -> anywhere) and, in the unconfined daemon under bwrap, "
+        "creates and replaces files outside the workspace (use O_NOFOLLOW/openat-style "
+        "checks: refuse when any parent of the link is not a real directory inside the root)"))),
+])
+def test_secret_link_placement_does_not_follow_planted_symlinks(tmp_path: Path, kind: str) -> None:
+    problem = bwrap_problem() if kind == "bwrap" else landlock_problem()
+    if problem:
+        pytest.skip(problem)
+    home = tmp_path / "home"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = tmp_path / "token"
+    secret.write_text(FILE_SECRET)
+    config = base_config(count=1, sandbox=kind, **{"workspace-base": str(home / "ws")}, secrets=[
+        {"name": "tok", "file": str(secret), "path": ".secrets/token", "agents": ["swarm-general-001"]}])
+    with Swarm(home, config) as swarm:
+        swarm.start(timeout=TIMEOUT)
+        ws = home / "ws" / "swarm-general-001"
+        shutil.rmtree(ws / ".secrets", ignore_errors=True)
+        os.symlink(outside, ws / ".secrets")  # what a session could leave behind
+        swarm.add_task("anything [fake:success]", "placed")
+        swarm.wait_tasks(["placed"], ("done", "failed"), timeout=TIMEOUT)
+        assert swarm.stop() == 0
+    assert sorted(p.name for p in outside.iterdir()) == [], "the daemon wrote outside the workspace"

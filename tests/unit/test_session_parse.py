@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agentctl_swarm.session import (
-    TAIL_CHARS, Outcome, StreamParser, Usage, _LineSplitter, classify, clean_env, is_retriable,
-    one_line, sanitize_path, spawn_failed,
+from agentctl_swarm.session import _LineSplitter, clean_env, sanitize_path
+from agentctl_swarm.streamjson import (
+    TAIL_CHARS, Outcome, StreamParser, Usage, classify, is_retriable, one_line, spawn_failed,
 )
 
 STREAMS = Path(__file__).resolve().parent.parent / "fakes" / "streams"
