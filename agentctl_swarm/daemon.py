@@ -60,7 +60,7 @@ def preload() -> None:
     import json  # noqa: F401
     from .agentchat import client  # noqa: F401
     from .agentchat.identity import Identity
-    from . import session  # noqa: F401
+    from . import isolation, session, taskrunner  # noqa: F401
     identity = Identity.generate("warmup")
     identity.sign_auth("nonce", "challenge", 0)
     verbs.parse("HEARTBEAT warmup idle")
@@ -109,7 +109,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
         self.channel = await ipc.open_channel(self.sock, self._on_ipc, self._on_ipc_closed)
         self.send_ipc({"t": "hello", "pid": os.getpid(), "name": ""})
-        self.boot = await self._booted
+        try:
+            self.boot = await self._booted
+        except ConnectionError:
+            return EXIT_OK  # an orphaned start (e.g. a late fork-server answer): nothing to do
         root = logging.getLogger()
         for handler in list(root.handlers):  # from here on the supervisor writes our logs
             root.removeHandler(handler)
@@ -180,6 +183,8 @@ class Daemon:
             self.channel.send(msg)
 
     def _on_ipc_closed(self, exc: Exception | None) -> None:
+        if self._booted is not None and not self._booted.done():
+            self._booted.set_exception(ConnectionError("the supervisor closed the IPC channel before boot"))
         self.request_stop("supervisor closed the IPC channel")
 
     def _on_ipc(self, msg: dict[str, Any]) -> None:

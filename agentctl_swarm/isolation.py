@@ -32,6 +32,7 @@ class Isolation:
         self.config = config
         self.kind = kind
         self.error = error
+        self._ro_cache: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
     @classmethod
     def detect(cls, config: "SwarmConfig") -> "Isolation":
@@ -68,7 +69,16 @@ class Isolation:
         # The agent command itself: a script given by absolute path is part of it.
         extra += [arg for arg in command[1:] if arg.startswith("/") and Path(arg).is_file()]
         extra += [str(s.file) for s in self.config.secrets_for(name, role) if s.path]
-        return {"kind": self.kind.value, "program": command[0], "extra_read": extra}
+        return {"kind": self.kind.value, "program": command[0], "extra_read": extra,
+                "read_only": self._read_only(command[0], tuple(extra))}
+
+    def _read_only(self, program: str, extra: tuple[str, ...]) -> list[str]:
+        """Computed once per (program, extra paths), not once per daemon."""
+        key = (program, extra)
+        if key not in self._ro_cache:
+            self._ro_cache[key] = list(sandbox.read_only_paths(
+                self.config.workspace_base, agent_command=program, extra_read=extra))
+        return self._ro_cache[key]
 
     def env_grants(self, name: str, role: str) -> list[dict[str, str]]:
         """Secrets granted to one agent: env vars filled from files, files shown in the workspace."""
@@ -88,7 +98,8 @@ def resolve(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path) -> dict[
     if not spec or spec.get("kind") not in ("landlock", "bwrap"):
         return spec
     policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"],
-                                    extra_read=spec.get("extra_read", ()))
+                                    extra_read=spec.get("extra_read", ()),
+                                    read_only=spec.get("read_only"))
     return {**spec, "policy": {"read_write": list(policy.read_write),
                                "read_only": list(policy.read_only)}}
 
@@ -105,9 +116,11 @@ def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
     if not spec or spec.get("kind") != "landlock":
         return "none"
     import agentctl_swarm
-    extra = list(spec.get("extra_read", ())) + [str(Path(agentctl_swarm.__file__).parent)]
-    extra += [g["file"] for g in grants if g.get("file")]
-    policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"], extra_read=extra)
+    extra = [str(Path(agentctl_swarm.__file__).parent)] + [g["file"] for g in grants if g.get("file")]
+    read_only = list(spec.get("read_only") or sandbox.read_only_paths(
+        workspace.parent, agent_command=spec["program"], extra_read=spec.get("extra_read", ())))
+    policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"],
+                                    read_only=read_only + [p for p in extra if Path(p).exists()])
     sandbox.apply_landlock(policy)
     return "landlock"
 

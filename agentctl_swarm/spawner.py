@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 EXIT_ORPHANED = 75  # the supervisor died before the child could tie itself to it
 EXIT_SETUP_FAILED = 76  # cgroup, sandbox or descriptor setup failed in the child
 FORKSERVER_TIMEOUT = 5.0
+FORKSERVER_IN_FLIGHT = 16  # requests on the socket at once: a burst never fills its buffer
 
 
 @dataclass
@@ -156,6 +157,7 @@ class ForkServerClient:
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._ready: asyncio.Future[None] | None = None
+        self._slots = asyncio.Semaphore(FORKSERVER_IN_FLIGHT)
 
     @property
     def alive(self) -> bool:
@@ -216,7 +218,16 @@ class ForkServerClient:
         self._pending.clear()
 
     async def spawn(self, plan: LaunchPlan, pass_fd: int) -> int:
-        """Ask for one daemon; ``pass_fd`` becomes its IPC descriptor."""
+        """Ask for one daemon; ``pass_fd`` becomes its IPC descriptor.
+
+        At most FORKSERVER_IN_FLIGHT requests are outstanding, and the timeout
+        counts from the send, so a burst of 400 starts queues here instead of
+        failing with EAGAIN or timing out while still waiting in line.
+        """
+        async with self._slots:
+            return await self._spawn(plan, pass_fd)
+
+    async def _spawn(self, plan: LaunchPlan, pass_fd: int) -> int:
         if not self.alive or self._sock is None:
             raise SpawnError("fork-server is not running")
         self._next_id += 1
@@ -261,18 +272,29 @@ class Spawner:
 
     async def spawn_daemon(self, plan: LaunchPlan) -> tuple[int, socket.socket, str]:
         """Start one daemon. Returns (pid, the supervisor's IPC socket, the path used)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         plan.supervisor_pid = self.supervisor_pid
+        if self.forkserver is not None and self.forkserver.alive:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                pid = await self.forkserver.spawn(plan, theirs.fileno())
+                return pid, ours, "fork-server"
+            except SpawnError as exc:
+                # A late answer may still start a daemon on this socketpair: closing our
+                # end makes that one exit at once, and the exec'd one gets a fresh pair.
+                ours.close()
+                log.warning("fork-server could not start %s (%s); using exec", plan.name, exc)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+        return self._exec_daemon(plan)
+
+    def _exec_daemon(self, plan: LaunchPlan) -> tuple[int, socket.socket, str]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if self.forkserver is not None and self.forkserver.alive:
-                try:
-                    pid = await self.forkserver.spawn(plan, theirs.fileno())
-                    return pid, ours, "fork-server"
-                except SpawnError as exc:
-                    log.warning("fork-server could not start %s (%s); using exec", plan.name, exc)
             plan.keep_fds = (theirs.fileno(),)
-            pid = fork_exec(plan, daemon_argv(theirs.fileno()))
-            return pid, ours, "exec"
+            return fork_exec(plan, daemon_argv(theirs.fileno())), ours, "exec"
         except BaseException:
             ours.close()
             raise

@@ -73,7 +73,8 @@ class Swarm:
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
                             "JOURNAL_STREAM", "CLAUDECODE")}
-        env.update(HOME=str(self.home), PYTHONUNBUFFERED="1", **self.extra_env)
+        # Run the code of this checkout, whatever copy is installed.
+        env.update(HOME=str(self.home), PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **self.extra_env)
         return env
 
     def write_config(self, config: dict[str, Any] | None = None) -> None:
