@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import struct
 from typing import Any, Callable
@@ -56,8 +57,8 @@ def encode(msg: dict[str, Any]) -> bytes:
 def decode(body: bytes) -> dict[str, Any]:
     try:
         msg = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise IpcError(f"not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise IpcError(f"not JSON: {type(exc).__name__}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
         raise IpcError("not an object with a string 't'")
     return msg
@@ -87,7 +88,9 @@ def check_from_daemon(msg: dict[str, Any]) -> dict[str, Any]:
 def _type_ok(value: Any, kind: Any) -> bool:
     if kind is bool:
         return isinstance(value, bool)
-    # bool is a subclass of int: refuse True where a number is expected.
+    # bool is a subclass of int: refuse True where a number is expected; and no NaN/inf.
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
     return not isinstance(value, bool) and isinstance(value, kind)
 
 

@@ -34,6 +34,10 @@ class SwarmPaths:
         return self.run_dir / "control.sock"
 
     @property
+    def control_token(self) -> Path:
+        return self.run_dir / "control.token"
+
+    @property
     def relay_port_file(self) -> Path:
         return self.run_dir / "relay.port"
 

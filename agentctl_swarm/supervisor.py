@@ -161,7 +161,7 @@ class Supervisor:
         await self.start_relay()
         await self.start_forkserver()
         from .control.server import ControlServer
-        self.control = ControlServer(self, self.paths.control_socket)
+        self.control = ControlServer(self, self.paths.control_socket, self.paths.control_token)
         await self.control.start()
         await self.coordinator.start()
         self.manage_daemons()
@@ -521,6 +521,9 @@ class Supervisor:
             handler(slot, msg)
         except ipc.IpcError as exc:
             log.warning("dropped IPC message from %s: %s", slot.name, exc, extra=slot.fields(event="ipc"))
+        except Exception:  # noqa: BLE001 - a daemon is untrusted: nothing it sends reaches the loop
+            log.exception("IPC message %r from %s failed", msg.get("t"), slot.name,
+                          extra=slot.fields(event="ipc"))
 
     def _ipc_hello(self, slot: Slot, msg: dict[str, Any]) -> None:
         pass

@@ -115,8 +115,13 @@ class TaskRunner:
         if not workspace.is_git_repo(spec.root) or not verbs.is_valid_task_id(self.task_id):
             return
         branch = f"swarm/{spec.name}/{self.task_id}"
+        from .isolation import bwrap_argv_from_spec, resolve
+        sandbox = resolve(self.d.boot.get("sandbox"), spec.root, spec.tmp_dir)
+        wrap = None
+        if sandbox and sandbox.get("kind") == "bwrap":  # the daemon itself is not confined then
+            wrap = lambda argv: bwrap_argv_from_spec(sandbox, argv, cwd=str(spec.root))  # noqa: E731
         try:
-            workspace.git(spec.root, "checkout", "-q", "-B", branch)
+            workspace.git(spec.root, "checkout", "-q", "-B", branch, wrap=wrap)
         except workspace.WorkspaceError as exc:
             log.warning("could not create branch %s: %s", branch, exc, extra=self._extra("git"))
 
@@ -188,14 +193,35 @@ def _place_file_grants(root: Path, grants: list[dict[str, Any]]) -> None:
         rel, target = grant.get("path"), grant.get("file")
         if not rel or not target or rel.startswith("/") or ".." in Path(rel).parts:
             continue
-        link = root / rel
-        link.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if link.is_symlink() and os.readlink(link) == target:
-            continue
-        tmp = link.with_name(f".{link.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
+        try:
+            _link_beneath(root, Path(rel).parts, target)
+        except OSError as exc:
+            log.warning("secret %s not placed at %s: %s", grant.get("name", "?"), rel,
+                        exc.strerror or exc, extra={"event": "secret"})
+
+
+def _link_beneath(root: Path, parts: tuple[str, ...], target: str) -> None:
+    """Make root/<parts> a symlink to ``target`` without following any symlink a session
+    may have planted on the way (each directory is opened O_NOFOLLOW from the last)."""
+    fd = os.open(root, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            inner = os.open(part, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        tmp = f".{parts[-1]}.tmp"
+        try:
+            os.unlink(tmp, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, tmp, dir_fd=fd)
+        os.replace(tmp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)  # replaces a planted entry itself
+    finally:
+        os.close(fd)
 
 
 def _session_limit(spec: dict[str, Any] | None) -> dict[str, Any] | None:

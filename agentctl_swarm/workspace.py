@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .agentchat.identity import Identity
 from .state import write_text_atomic
@@ -130,12 +130,19 @@ def _clone(spec: WorkspaceSpec) -> None:
         fh.write("\n" + "\n".join(SECURITY_IGNORES) + "\n")
 
 
-def git(root: Path, *args: str) -> None:
-    """Run git in ``root`` with a minimal environment (HOME is the workspace)."""
+# A session can write .git/hooks and .git/config: git run for the daemon must not
+# execute what it planted there.
+_GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false")
+
+
+def git(root: Path, *args: str, wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+    """Run git in ``root`` with a minimal environment (HOME is the workspace), hooks off;
+    ``wrap`` turns the argv into a confined one (bwrap) when sessions are confined that way."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
            "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "LANG": "C.UTF-8"}
+    argv = ["git", *_GIT_SAFE, "-C", str(root), *args]
     try:
-        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True,
+        subprocess.run(wrap(argv) if wrap else argv, check=True, capture_output=True, text=True,
                        env=env, timeout=600)
     except FileNotFoundError:
         raise WorkspaceError("git is not installed") from None

@@ -117,11 +117,10 @@ class AgentChatClient:
 
     def send(self, to: str, content: str) -> None:
         """Queue a MSG (non-blocking; call from the event loop's thread)."""
-        if to.startswith("@"):
-            if not self._allow_direct:
-                raise ChannelNotAllowed(f"direct messages are not allowed (to {to})")
-        elif to not in self._channels:
-            raise ChannelNotAllowed(f"{to} is not one of this client's channels")
+        if to.startswith("@") and not self._allow_direct or not to.startswith("@") and to not in self._channels:
+            log.warning("agentchat %s: refused a send to %s: not an assigned channel",
+                        self._identity.name, to[:64])
+            raise ChannelNotAllowed(f"{to[:64]} is not one of this client's channels")
         if not isinstance(content, str):
             raise TypeError("content must be str")
         if len(content.encode("utf-8")) > p.MAX_FRAME_BYTES - 1024:

@@ -14,8 +14,19 @@ class NotRunning(SwarmError):
     """No supervisor answers on the control socket."""
 
 
+def _token(path: Path) -> str:
+    """The running supervisor's control token (only its owner can read it)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise NotRunning("agentctl-swarm is not running") from None
+    except PermissionError:
+        raise SwarmError(f"{path}: permission denied (is the swarm someone else's?)") from None
+
+
 def call(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """Send one command; return the reply. Raises NotRunning when nobody listens."""
+    token = _token(path.parent / "control.token")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -25,7 +36,7 @@ def call(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: floa
             raise NotRunning("agentctl-swarm is not running") from None
         except PermissionError:
             raise SwarmError(f"{path}: permission denied (is the swarm someone else's?)") from None
-        sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+        sock.sendall(json.dumps({"cmd": cmd, "args": args or {}, "token": token}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

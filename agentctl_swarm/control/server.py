@@ -2,15 +2,19 @@
 
 Only the swarm's owner may use it: the socket is created 0600 inside a 0700
 directory, and every connection's peer credentials (``SO_PEERCRED``) must carry
-our uid (or root's). Peers that are agent sessions are refused even though they
-run as the same user: Landlock does not govern connecting to a socket path, so
-the peer's session id, ancestry and cgroup are checked against the agents'.
+our uid (or root's). Agent sessions run as the same user, and Landlock does not
+govern connecting to a socket path, so two more checks keep them out: each
+request carries the token from ``run/control.token`` (0600, in a directory no
+session can read), and a peer whose session id, ancestry or cgroup is an agent's
+is refused even with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import secrets
 import logging
 import os
 import socket
@@ -18,6 +22,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..state import write_text_atomic
 from ..system.journal import log_fields
 from . import commands
 
@@ -39,9 +44,11 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class ControlServer:
     """Serves ``agentctl`` commands for one supervisor."""
 
-    def __init__(self, supervisor: "Supervisor", path: Path) -> None:
+    def __init__(self, supervisor: "Supervisor", path: Path, token_path: Path) -> None:
         self.sup = supervisor
         self.path = path
+        self.token_path = token_path
+        self.token = secrets.token_hex(32)
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -50,6 +57,7 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        write_text_atomic(self.token_path, self.token + "\n")
         old_umask = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path),
@@ -61,10 +69,11 @@ class ControlServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            for path in (self.path, self.token_path):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -97,5 +106,9 @@ class ControlServer:
             return {"ok": False, "error": f"bad request: {type(exc).__name__}"}
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return {"ok": False, "error": "bad request: expected {\"cmd\": ..., \"args\": {...}}"}
+        token = request.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token, self.token):
+            log.warning("control request without the right token refused", extra=log_fields(event="control"))
+            return {"ok": False, "error": "permission denied: missing or wrong control token"}
         args = request.get("args") if isinstance(request.get("args"), dict) else {}
         return await commands.run(self.sup, request["cmd"], args)

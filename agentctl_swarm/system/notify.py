@@ -36,7 +36,9 @@ class _DatagramSender:
         if address.startswith("@"):
             address = "\0" + address[1:]
         self._address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Non-blocking: if nobody reads the socket, a notification is lost, never the loop.
+        self._sock = socket.socket(socket.AF_UNIX,
+                                   socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     def notify(self, state: str) -> None:
         try:
@@ -53,7 +55,11 @@ def _make_sender(address: str, use_sdnotify: bool) -> _Sender:
         except ImportError:
             pass
         else:
-            return sdnotify.SystemdNotifier()  # reads NOTIFY_SOCKET itself
+            notifier = sdnotify.SystemdNotifier()  # reads NOTIFY_SOCKET itself
+            sock = getattr(notifier, "socket", None)
+            if sock is not None:
+                sock.setblocking(False)  # an unread notify socket must not stop the loop
+            return notifier
     return _DatagramSender(address)
 
 

@@ -274,9 +274,6 @@ def test_swarm_speaks_only_on_its_channels(swarm: Swarm, loop: Loop) -> None:
     assert other.seen == [], f"the swarm spoke on #other: {other.contents()}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agentchat/client.py: send() raises ChannelNotAllowed but logs nothing; issue 5 asks "
-    "that a send to a non-assigned channel be refused in the client and logged"))
 def test_send_to_a_foreign_channel_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     """ChannelNotAllowed itself is tested in test_agentchat_client.py; the issue also
     asks that the refusal be logged."""
@@ -288,11 +285,6 @@ def test_send_to_a_foreign_channel_is_refused_and_logged(caplog: pytest.LogCaptu
         "a refused send to a foreign channel was not logged"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "system/notify.py sends on a blocking datagram socket: when the NOTIFY_SOCKET reader does "
-    "not drain (a busy or hung systemd; net.unix.max_dgram_qlen is 10 here), sendto blocks "
-    "and the whole supervisor loop hangs (status, heartbeats, tasks); send with MSG_DONTWAIT "
-    "and drop the datagram on EAGAIN"))
 def test_an_undrained_notify_socket_does_not_hang_the_supervisor(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:

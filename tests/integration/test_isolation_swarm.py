@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from agentctl_swarm.system import sandbox
-from tests.integration.test_memory_limit import USER, UserSwarm, user_home, user_python  # noqa: F401
+from tests.integration.test_memory_limit import UserSwarm, user_home, user_python  # noqa: F401 (fixtures)
 from tests.integration.test_hostile import Loop, Peer
 from tests.swarmlib import ROOT, FAKE_CLAUDE, Swarm, base_config
 
@@ -45,7 +45,7 @@ AWS = "[default]\naws_secret_access_key = planted-aws-secret-do-not-leak\n"
 API_KEY = "sk-ant-planted-api-key-0123456789"
 FILE_SECRET = "planted-file-secret-abcdef"
 TIMEOUT = 90.0
-# A known gap with its own (xfail) test below, so the other attempts are still checked.
+# The orphaned-descendant attempt has its own test below (it needs a double fork).
 ORPHAN = "escape_control_orphan_task_add"
 # The supervisor's environment carries these; no session may see them.
 LEAKY_ENV = {"SSH_AUTH_SOCK": "/tmp/ssh-agent.sock", "AWS_ACCESS_KEY_ID": "AKIAPLANTED",
@@ -64,11 +64,11 @@ def plant_credentials(home: Path) -> None:
         path.chmod(0o600)
 
 
-def escape_command(python: str, agent: Path, home: Path) -> list[str]:
+def escape_command(python: str, agent: Path, home: Path, agents: tuple[str, ...] = AGENTS) -> list[str]:
     agentctl = home / ".agentctl"
     return [python, "-I", str(agent), "--swarm", "--plant-home", str(home),
             "--state-dir", str(agentctl / "state"), "--control-socket", str(agentctl / "run" / "control.sock"),
-            "--workspace-base", str(home / "ws"), "--agents", ",".join(AGENTS)]
+            "--workspace-base", str(home / "ws"), "--agents", ",".join(agents)]
 
 
 def swarm_config(command: list[str], home: Path, kind: str, **extra: Any) -> dict[str, Any]:
@@ -192,11 +192,6 @@ def test_root_sessions_cannot_escape(root_swarm: Swarm) -> None:
     assert root_swarm.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "control/server.py: is_agent_process() recognises a session by its session id, its "
-    "ancestry or a cgroup that exists only with memory-limit; a session's grandchild that "
-    "calls setsid() and is reparented to the supervisor (the subreaper) matches none, and "
-    "Landlock does not govern connect() on the pathname socket, so it can run any command"))
 def test_orphaned_session_descendant_cannot_use_the_control_socket(tmp_path: Path) -> None:
     if landlock_problem():
         pytest.skip(landlock_problem())
@@ -237,7 +232,7 @@ def test_user_sessions_cannot_escape(user_python: tuple[str, str], user_home: Pa
 
 # ----------------------------------------------------------------- secrets
 
-def secrets_config(home: Path, command: list[str]) -> dict[str, Any]:
+def secrets_config(home: Path) -> dict[str, Any]:
     secret_dir = home / "secrets"
     secret_dir.mkdir(mode=0o700, parents=True)
     (secret_dir / "anthropic").write_text(API_KEY + "\n")
@@ -256,7 +251,7 @@ def test_secrets_reach_only_the_named_agent_and_never_logs(tmp_path: Path) -> No
     home = tmp_path / "home"
     fake = [sys.executable, str(FAKE_CLAUDE), "-p", "--output-format", "stream-json", "--verbose"]
     config = base_config(count=2, agent={"command": fake}, **{"workspace-base": str(home / "ws")},
-                         **secrets_config(home, fake))
+                         **secrets_config(home))
     loop = Loop()
     with Swarm(home, config, extra_env=LEAKY_ENV) as swarm:
         swarm.start(timeout=TIMEOUT)
@@ -297,21 +292,17 @@ def test_granted_secret_file_is_readable_in_the_sandbox_others_are_not(tmp_path:
         pytest.skip(landlock_problem())
     home = tmp_path / "home"
     plant_credentials(home)
-    command = escape_command(sys.executable, ESCAPE_AGENT, home)
-    config = swarm_config(command, home, "auto", **secrets_config(home, command))
-    global AGENTS
+    agents = ("swarm-builder-001", "swarm-general-001")
+    command = escape_command(sys.executable, ESCAPE_AGENT, home, agents)
+    config = swarm_config(command, home, "auto", **secrets_config(home))
     with Swarm(home, config) as swarm:
         swarm.start(timeout=TIMEOUT)
-        plant_symlinks_for(swarm, ("swarm-builder-001", "swarm-general-001"))
-        old, AGENTS = AGENTS, ("swarm-builder-001", "swarm-general-001")
-        try:
-            swarm.add_task(_escape_prompt(swarm, "sec-b", secret=".secrets/token"), "sec-b", role="builder")
-            swarm.add_task(_escape_prompt(swarm, "sec-g", secret=".secrets/token"), "sec-g", role="general")
-            swarm.wait_tasks(["sec-b", "sec-g"], timeout=TIMEOUT)
-            builder = escape_report(swarm, "swarm-builder-001", "sec-b")
-            general = escape_report(swarm, "swarm-general-001", "sec-g")
-        finally:
-            AGENTS = old
+        plant_symlinks_for(swarm, agents)
+        swarm.add_task(_escape_prompt(swarm, "sec-b", secret=".secrets/token"), "sec-b", role="builder")
+        swarm.add_task(_escape_prompt(swarm, "sec-g", secret=".secrets/token"), "sec-g", role="general")
+        swarm.wait_tasks(["sec-b", "sec-g"], timeout=TIMEOUT)
+        builder = escape_report(swarm, "swarm-builder-001", "sec-b")
+        general = escape_report(swarm, "swarm-general-001", "sec-g")
         assert builder["granted_secret_file"] == "ok"
         assert general["granted_secret_file"].startswith("denied: ENOENT"), general["granted_secret_file"]
         # The builder must not reach the secret's directory beyond the one file.
@@ -385,10 +376,7 @@ def plant_git_hook(ws: Path, home: Path) -> None:
 
 @pytest.mark.parametrize("kind", [
     "landlock",  # the daemon confines itself: the hook runs, but inside the daemon's domain
-    pytest.param("bwrap", marks=pytest.mark.xfail(strict=True, reason=(
-        "taskrunner._branch runs git in the daemon, which is unconfined under bwrap: a hook "
-        "(or core.fsmonitor, a filter driver...) planted by a session in its workspace's .git "
-        "runs outside any sandbox with the supervisor's uid and reads ~/.ssh"))),
+    "bwrap",
 ])
 def test_hooks_planted_in_the_workspace_do_not_run_outside_the_sandbox(tmp_path: Path, kind: str) -> None:
     problem = bwrap_problem() if kind == "bwrap" else landlock_problem()
@@ -415,11 +403,7 @@ def test_hooks_planted_in_the_workspace_do_not_run_outside_the_sandbox(tmp_path:
 
 @pytest.mark.parametrize("kind", [
     "landlock",  # the daemon is confined: placing the link out there is refused
-    pytest.param("bwrap", marks=pytest.mark.xfail(strict=True, reason=(
-        "taskrunner._place_file_grants follows a directory symlink a session planted at the "
-        "grant's parent (.secrets -> anywhere) and, in the unconfined daemon under bwrap, "
-        "creates and replaces files outside the workspace (use O_NOFOLLOW/openat-style "
-        "checks: refuse when any parent of the link is not a real directory inside the root)"))),
+    "bwrap",
 ])
 def test_secret_link_placement_does_not_follow_planted_symlinks(tmp_path: Path, kind: str) -> None:
     problem = bwrap_problem() if kind == "bwrap" else landlock_problem()
