@@ -262,11 +262,12 @@ class Daemon:
                        "queued": queued})
         self._schedule_heartbeat()
 
-    def _schedule_heartbeat(self) -> None:
+    def _schedule_heartbeat(self, phase: float = 1.0) -> None:
+        """Next heartbeat in ``phase`` × heartbeat-interval (never later than one interval)."""
         if self._hb is not None:
             self._hb.cancel()
         interval = float(self.boot.get("heartbeat_interval", 30.0))
-        self._hb = asyncio.get_running_loop().call_later(interval, self.heartbeat)
+        self._hb = asyncio.get_running_loop().call_later(interval * phase, self.heartbeat)
 
     def say(self, line: str) -> None:
         """Send one line to the work channel (queued while disconnected)."""
@@ -281,6 +282,7 @@ class Daemon:
                 log.warning("agentchat says this identity is lurking (lurk_until %s)",
                             detail.get("lurk_until"), extra={"event": "lurk"})
             self.heartbeat()
+            self._schedule_heartbeat(phase=random.uniform(0.5, 1.0))  # spread the swarm's beats
             return
         safe = {k: v for k, v in detail.items() if isinstance(v, (str, int, float, bool))}
         self.send_ipc({"t": "link", "event": event[:64], "detail": safe})
