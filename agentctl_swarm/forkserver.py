@@ -35,8 +35,7 @@ MAX_REQUEST = 64 * 1024
 
 def preload() -> None:
     """Import and warm everything a daemon touches, before freezing the heap."""
-    import asyncio  # noqa: F401
-    import asyncio.unix_events  # noqa: F401
+    import asyncio.unix_events  # noqa: F401 - what asyncio.run needs on Linux
     from . import daemon
     daemon.preload()
     gc.collect()

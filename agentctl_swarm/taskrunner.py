@@ -86,7 +86,7 @@ class TaskRunner:
         return result
 
     def _make_session(self) -> sessions.Session:
-        d, spec, boot = self.d, self.d.spec, self.d.boot
+        spec, boot = self.d.spec, self.d.boot
         assert spec is not None
         env = sessions.clean_env(os.environ, home=spec.root, config_dir=spec.config_dir,
                                  tmpdir=spec.tmp_dir, grants=_read_grants(boot.get("grants", [])),

@@ -7,12 +7,10 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.swarmlib import AGENTCTL, Swarm, alive, base_config, swarm_processes
 

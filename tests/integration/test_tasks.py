@@ -69,7 +69,7 @@ def test_max_active_one(make_swarm) -> None:
     swarm = make_swarm(count=3, **{"max-active": 1})
     ids = ["a", "b", "c"]
     for task_id in ids:
-        swarm.add_task(f"slow [fake:slow:1]", task_id)
+        swarm.add_task("slow [fake:slow:1]", task_id)
     peak = 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
