@@ -159,3 +159,24 @@ def test_status_shows_a_starting_forkserver(tmp_path: Path) -> None:
             assert swarm.status()["supervisor"]["forkserver_pid"] == sup["forkserver_pid"]
         finally:
             os.kill(sup["forkserver_pid"], signal.SIGCONT)
+
+
+def test_requested_sandbox_unavailable_refuses_sessions(tmp_path: Path) -> None:
+    """sandbox: bwrap where bwrap cannot run: the swarm starts, every session refuses, with the reason."""
+    import shutil
+    import sys
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("git",):  # a PATH without bwrap
+        os.symlink(shutil.which(tool), bindir / tool)
+    cfg = base_config(count=1, sandbox="bwrap")
+    swarm = Swarm(tmp_path / "home", cfg, extra_env={"PATH": f"{bindir}:{Path(sys.executable).parent}"})
+    with swarm:
+        swarm.start()
+        assert swarm.status()["supervisor"]["sandbox"].startswith("unavailable (bwrap)")
+        swarm.add_task("must not run unconfined [fake:success]", "nb-1")
+        task = swarm.wait_tasks(["nb-1"], ("failed",), timeout=30)["nb-1"]
+        assert task["reason"] == "sandbox-unavailable"
+        workspace = Path(swarm.agents()["swarm-general-001"]["workspace"])
+        assert not (workspace / "fake-output.txt").exists()  # the agent never ran
+        assert "cannot be applied" in _log(swarm)
