@@ -145,6 +145,24 @@ def _write_line(fd: int, line: str) -> None:
     os.write(fd, (line + "\n").encode("utf-8", "replace"))
 
 
+MAX_LOG_BYTES = 64 * 2**20  # per file; session output is logged line by line
+LOG_BACKUPS = 2
+
+
+def _rotated(path: Path, fd: int) -> int:
+    """Keep a log file under MAX_LOG_BYTES: past it, shift path -> .1 -> .2 and reopen."""
+    if os.fstat(fd).st_size < MAX_LOG_BYTES:
+        return fd
+    os.close(fd)
+    for i in range(LOG_BACKUPS, 0, -1):
+        source = path if i == 1 else path.with_name(f"{path.name}.{i - 1}")
+        try:
+            os.replace(source, path.with_name(f"{path.name}.{i}"))
+        except FileNotFoundError:
+            pass
+    return _open_append(path)
+
+
 class JsonFileHandler(_QuietErrors, logging.Handler):
     """All records, as JSON lines, to one file opened O_APPEND."""
 
@@ -158,6 +176,7 @@ class JsonFileHandler(_QuietErrors, logging.Handler):
         try:
             if self._fd is None:
                 self._fd = _open_append(self.path)
+            self._fd = _rotated(self.path, self._fd)
             _write_line(self._fd, self.format(record))
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
@@ -192,6 +211,7 @@ class AgentFilesHandler(_QuietErrors, logging.Handler):
             fd = _open_append(self.directory / f"{agent}.log")
             while len(self._fds) >= self.max_open:
                 os.close(self._fds.popitem(last=False)[1])
+        fd = _rotated(self.directory / f"{agent}.log", fd)
         self._fds[agent] = fd
         return fd
 

@@ -264,3 +264,29 @@ def test_current_unit_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INVOCATION_ID", raising=False)
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     assert journal.current_unit() is None
+
+
+def test_log_files_rotate_past_the_size_limit(tmp_path, monkeypatch) -> None:
+    """Session output is logged line by line: files must not grow without bound."""
+    import logging as _logging
+    from agentctl_swarm.system import journal as j
+    monkeypatch.setattr(j, "MAX_LOG_BYTES", 4096)
+    handler = j.JsonFileHandler(tmp_path / "supervisor.log")
+    agents = j.AgentFilesHandler(tmp_path / "agents")
+    logger = _logging.getLogger("rotation-test")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.addHandler(agents)
+    try:
+        for i in range(200):
+            logger.warning("line %d %s", i, "x" * 100, extra=j.log_fields(agent="swarm-qa-001"))
+    finally:
+        logger.removeHandler(handler)
+        logger.removeHandler(agents)
+        handler.close()
+        agents.close()
+    for base in (tmp_path / "supervisor.log", tmp_path / "agents" / "swarm-qa-001.log"):
+        sizes = [p.stat().st_size for p in (base, base.with_name(base.name + ".1"), base.with_name(base.name + ".2"))]
+        assert all(size < 4096 + 512 for size in sizes), sizes
+        assert not base.with_name(base.name + ".3").exists()
+        assert "line 199" in base.read_text()
