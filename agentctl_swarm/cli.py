@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--json", action="store_true")
     tlist = task.add_parser("list", help="list tasks")
     tlist.add_argument("--json", action="store_true")
+    tlist.add_argument("--all", action="store_true", help="include archived (older finished) tasks")
     cancel = task.add_parser("cancel", help="cancel a task")
     cancel.add_argument("id")
     return parser
@@ -190,7 +191,7 @@ def cmd_task_add(args: argparse.Namespace, paths: SwarmPaths) -> int:
 
 
 def cmd_task_list(args: argparse.Namespace, paths: SwarmPaths) -> int:
-    tasks = _call(paths, "task-list")["tasks"]
+    tasks = _call(paths, "task-list", {"all": args.all})["tasks"]
     if args.json:
         print(json.dumps(tasks, indent=2))
         return 0

@@ -19,7 +19,9 @@ capacity frees up.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import secrets
 import time
 from collections import deque
@@ -162,8 +164,10 @@ class Coordinator:
     def _save(self) -> None:
         finished = sorted((t for t in self.tasks.values() if t.state in FINAL),
                           key=lambda t: t.finished or 0)
-        for old in finished[:max(0, len(finished) - KEEP_FINISHED)]:
-            del self.tasks[old.id]
+        old = finished[:max(0, len(finished) - KEEP_FINISHED)]
+        if old and self._archive(old):
+            for record in old:
+                del self.tasks[record.id]
         try:
             write_json_atomic(self.sup.paths.state_file("tasks"),
                               {"version": 1, "tasks": [t.public() for t in self.tasks.values()]})
@@ -211,8 +215,41 @@ class Coordinator:
         self._save()
         return record
 
-    def listing(self) -> list[dict[str, Any]]:
-        return [t.public() for t in sorted(self.tasks.values(), key=lambda t: t.created)]
+    def _archive(self, records: list[TaskRecord]) -> bool:
+        """Move finished tasks out of tasks.json into an append-only archive (nothing is lost)."""
+        path = self.sup.paths.state_file("tasks-archive").with_suffix(".jsonl")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, "".join(json.dumps(r.public()) + "\n" for r in records).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("task archive not written (%s); finished tasks stay in tasks.json", exc,
+                      extra=log_fields(event="state"))
+            return False
+        return True
+
+    def archived(self) -> list[dict[str, Any]]:
+        path = self.sup.paths.state_file("tasks-archive").with_suffix(".jsonl")
+        out = []
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        continue  # a torn last line after a crash
+                    if isinstance(item, dict) and TaskRecord.from_dict(item) is not None:
+                        out.append(item)
+        except FileNotFoundError:
+            pass
+        return out
+
+    def listing(self, include_archived: bool = False) -> list[dict[str, Any]]:
+        live = [t.public() for t in sorted(self.tasks.values(), key=lambda t: t.created)]
+        return (self.archived() + live) if include_archived else live
 
     # ------------------------------------------------------------ the channel
     def _on_chat(self, frame: dict[str, Any]) -> None:

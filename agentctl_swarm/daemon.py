@@ -158,7 +158,9 @@ class Daemon:
         self.client = AgentChatClient(
             self.boot["server"], identity, list(self.boot["channels"]),
             on_message=self._on_chat, on_event=self._on_link_event,
-            send_interval=float(self.boot.get("send_interval", 1.0)))
+            send_interval=float(self.boot.get("send_interval", 1.0)),
+            # a heartbeat not echoed before the next one is due means a dead link
+            ack_timeout=min(10.0, max(2.0, float(self.boot.get("heartbeat_interval", 30.0)))))
         asyncio.get_running_loop().create_task(self.client.run())
 
     def request_stop(self, why: str = "") -> None:

@@ -39,7 +39,7 @@ from .system.cgroups import CgroupManager
 from .system.journal import log_fields
 from .system.notify import Notifier
 from .system.pidfile import PidFile
-from .workspace import WorkspaceSpec, teardown
+from .workspace import WorkspaceSpec, swarm_workspaces, teardown
 
 log = logging.getLogger("agentctl_swarm.supervisor")
 
@@ -166,6 +166,7 @@ class Supervisor:
         await self.coordinator.start()
         self.manage_daemons()
         self.initial = set(self.slots)
+        self.sweep_workspaces()
         log.info("swarm starting: %d daemons, relay %s, spawn %s", len(self.slots), self.relay_url,
                  self.config.spawn, extra=log_fields(event="start"))
 
@@ -502,6 +503,20 @@ class Supervisor:
             self.teardowns.add(future)
             future.add_done_callback(self._teardown_done)
 
+    def sweep_workspaces(self) -> None:
+        """No leak even after a crash: with persist false, remove workspaces this swarm
+        created that no current slot owns (e.g. an agent retired just before a kill -9)."""
+        if self.config.persist:
+            return
+        assert self._loop is not None
+        for root in swarm_workspaces(self.config.workspace_base, str(self.paths.root)):
+            if root.name in self.slots:
+                continue
+            log.info("removing workspace %s left by an earlier run", root, extra=log_fields(event="teardown"))
+            future = self._loop.run_in_executor(None, teardown, root, True)
+            self.teardowns.add(future)
+            future.add_done_callback(self._teardown_done)
+
     def _teardown_done(self, future: "asyncio.Future[bool]") -> None:
         self.teardowns.discard(future)
         if future.exception() is not None:
@@ -733,6 +748,7 @@ class Supervisor:
         await self._stop_helpers()
         for slot in list(self.slots.values()):
             self._forget(slot)
+        self.sweep_workspaces()
         if self.teardowns:
             await asyncio.wait(list(self.teardowns), timeout=60)
         if self.cgroups is not None:

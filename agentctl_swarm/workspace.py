@@ -222,6 +222,24 @@ def created_by_swarm(root: Path) -> bool:
     return isinstance(marker, dict) and marker.get("created_by") == "agentctl-swarm"
 
 
+def swarm_workspaces(base: Path, swarm_id: str) -> list[Path]:
+    """Workspaces under ``base`` that this swarm (``swarm_id``) created, per their markers."""
+    found = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return []
+    for root in entries:
+        try:
+            marker = json.loads((root / MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(marker, dict) and marker.get("created_by") == "agentctl-swarm" \
+                and marker.get("swarm") == swarm_id and not root.is_symlink():
+            found.append(root)
+    return found
+
+
 def teardown(root: Path, confirm: bool = False) -> bool:
     """Delete a workspace the swarm created. Refuses without ``confirm=True``."""
     if not confirm:

@@ -64,7 +64,7 @@ async def task_add(sup: "Supervisor", args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def task_list(sup: "Supervisor", args: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": True, "tasks": sup.coordinator.listing()}
+    return {"ok": True, "tasks": sup.coordinator.listing(include_archived=args.get("all") is True)}
 
 
 async def task_cancel(sup: "Supervisor", args: dict[str, Any]) -> dict[str, Any]:

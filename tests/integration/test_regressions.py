@@ -180,3 +180,42 @@ def test_requested_sandbox_unavailable_refuses_sessions(tmp_path: Path) -> None:
         workspace = Path(swarm.agents()["swarm-general-001"]["workspace"])
         assert not (workspace / "fake-output.txt").exists()  # the agent never ran
         assert "cannot be applied" in _log(swarm)
+
+
+def test_finished_tasks_beyond_the_window_are_archived_not_lost(tmp_path: Path, monkeypatch) -> None:
+    """30-minute soak: past 1000 finished tasks the oldest vanished from the list and the books."""
+    from types import SimpleNamespace
+    from agentctl_swarm import coordinator as coord
+    from agentctl_swarm.config import load_config
+    from agentctl_swarm.paths import SwarmPaths
+    monkeypatch.setattr(coord, "KEEP_FINISHED", 3)
+    paths = SwarmPaths(tmp_path / ".agentctl")
+    paths.ensure()
+    sup = SimpleNamespace(paths=paths, config=load_config(None, env={}, home=tmp_path), slots={},
+                          stopping=False)
+    book = coord.Coordinator(sup)  # no chat client: nothing is announced
+    for i in range(8):
+        record = book.add(f"task {i}", "any", f"arch-{i}")
+        record.tokens = 100
+        book._finish(record, "done", "")
+    saved = json.loads(paths.state_file("tasks").read_text())["tasks"]
+    assert len(saved) == 3
+    everything = book.listing(include_archived=True)
+    assert sorted(t["id"] for t in everything) == [f"arch-{i}" for i in range(8)]
+    assert sum(t["tokens"] for t in everything) == 800
+
+
+def test_workspaces_left_by_a_crashed_run_are_swept(tmp_path: Path) -> None:
+    """30-minute soak: an agent retired just before a supervisor kill -9 left its workspace."""
+    home = tmp_path / "home"
+    base = home / "dev" / "claude"
+    for name, swarm_id in (("swarm-general-099", str(home / ".agentctl")), ("someone-else", "/other")):
+        (base / name).mkdir(parents=True)
+        (base / name / ".agentctl-swarm").write_text(json.dumps(
+            {"created_by": "agentctl-swarm", "name": name, "swarm": swarm_id}))
+    (base / "mine-by-hand").mkdir()
+    with Swarm(home, base_config(count=1)) as swarm:
+        swarm.start()
+        swarm.wait_for(lambda: not (base / "swarm-general-099").exists(), 10, "the sweep")
+        assert (base / "someone-else").is_dir() and (base / "mine-by-hand").is_dir()
+        assert (base / "swarm-general-001").is_dir()
