@@ -504,8 +504,8 @@ class Supervisor:
             future.add_done_callback(self._teardown_done)
 
     def sweep_workspaces(self) -> None:
-        """No leak even after a crash: with persist false, remove workspaces this swarm
-        created that no current slot owns (e.g. an agent retired just before a kill -9)."""
+        """No leak even after a crash: with persist false, remove at start the workspaces
+        this swarm created that no slot owns (e.g. an agent retired just before a kill -9)."""
         if self.config.persist:
             return
         assert self._loop is not None
@@ -748,7 +748,6 @@ class Supervisor:
         await self._stop_helpers()
         for slot in list(self.slots.values()):
             self._forget(slot)
-        self.sweep_workspaces()
         if self.teardowns:
             await asyncio.wait(list(self.teardowns), timeout=60)
         if self.cgroups is not None:

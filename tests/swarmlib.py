@@ -124,11 +124,57 @@ class Swarm:
                 value = predicate()
                 if value:
                     return value
+                last_error = None  # the question was answered, just not yet as hoped
             except (SwarmError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
                 last_error = exc
             time.sleep(interval)
         raise SwarmError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_error})" if last_error else "") + self.tail())
+                         + (f" (last error: {last_error})" if last_error else "") + self.sockets() + self.tail())
+
+    def sockets(self) -> str:
+        """Which process listens on the control socket, and on which inode (failure diagnostics)."""
+        sock = self.home / ".agentctl" / "run" / "control.sock"
+        try:
+            st = os.stat(sock)
+            inode = f"{st.st_ino} ctime {time.strftime('%H:%M:%S', time.localtime(st.st_ctime))}" \
+                f".{int(st.st_ctime % 1 * 1000):03d}"
+        except OSError as exc:
+            inode = f"none ({exc.strerror})"
+        listening = subprocess.run(["ss", "-xlpn"], capture_output=True, text=True).stdout
+        lines = [line for line in listening.splitlines() if str(self.home) in line]
+        for pid in {int(p) for p in __import__("re").findall(r"pid=(\d+)", " ".join(lines))}:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                lines.append(f"pid {pid}: {cmd} (supervisor under test: {self.proc.pid if self.proc else None})")
+            except OSError:
+                pass
+        bound = [line.split() for line in Path("/proc/net/unix").read_text().splitlines()
+                 if line.endswith(str(sock))]
+        owners = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                for fd in (entry / "fd").iterdir():
+                    target = os.readlink(fd)
+                    if any(target == f"socket:[{b[6]}]" for b in bound):
+                        owners[target] = f"pid {entry.name} {(entry / 'comm').read_text().strip()}"
+            except OSError:
+                continue
+        import socket as _socket
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        probe.settimeout(5)
+        try:
+            probe.connect(str(sock))
+            direct = "direct connect ok"
+        except OSError as exc:
+            direct = f"direct connect: {exc!r}"
+        finally:
+            probe.close()
+        cli = self.cli("swarm", "status", "--json", check=False)
+        direct += f"; cli now: {cli.returncode} {cli.stderr.strip()[-60:]}"
+        return (f"\n--- {direct}; control socket inode {inode}; listeners: {lines}; bound to the path: "
+                f"{[(b[6], 'state ' + b[5]) for b in bound]}; owners {owners}")
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:

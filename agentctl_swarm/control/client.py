@@ -19,7 +19,7 @@ def _token(path: Path) -> str:
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        raise NotRunning("agentctl-swarm is not running") from None
+        raise NotRunning(f"agentctl-swarm is not running (no {path})") from None
     except PermissionError:
         raise SwarmError(f"{path}: permission denied (is the swarm someone else's?)") from None
 
@@ -32,8 +32,10 @@ def call(path: Path, cmd: str, args: dict[str, Any] | None = None, timeout: floa
     try:
         try:
             sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning("agentctl-swarm is not running") from None
+        except FileNotFoundError:
+            raise NotRunning(f"agentctl-swarm is not running (no {path})") from None
+        except ConnectionRefusedError:
+            raise NotRunning(f"agentctl-swarm is not running (nothing listens on {path})") from None
         except PermissionError:
             raise SwarmError(f"{path}: permission denied (is the swarm someone else's?)") from None
         sock.sendall(json.dumps({"cmd": cmd, "args": args or {}, "token": token}).encode() + b"\n")
