@@ -38,10 +38,6 @@ class SwarmPaths:
         return self.run_dir / "control.token"
 
     @property
-    def relay_port_file(self) -> Path:
-        return self.run_dir / "relay.port"
-
-    @property
     def state_dir(self) -> Path:
         return self.root / "state"
 

@@ -62,18 +62,20 @@ class TaskRunner:
         from .daemon import Status
         d, spec = self.d, self.d.spec
         assert spec is not None
-        sandbox = d.boot.get("sandbox") or {}
-        if sandbox.get("kind") == "unavailable":
-            return dataclasses.replace(sessions.spawn_failed(f"sandbox: {sandbox.get('error')}"),
+        requested = d.boot.get("sandbox") or {}
+        if requested.get("kind") == "unavailable":
+            return dataclasses.replace(sessions.spawn_failed(f"sandbox: {requested.get('error')}"),
                                        reason="sandbox-unavailable")
+        from .isolation import resolve
+        sandbox = resolve(d.boot.get("sandbox"), spec.root, spec.tmp_dir)  # once per task
         if not self.probe:
             workspace.write_context(spec, ContextState("active", self.task_id, self.started),
                                     f"## Current task {self.task_id}\n\nStarted {self.started}.\n\n"
                                     f"### Prompt\n\n{self.prompt}\n")
-            self._branch()
+            self._branch(sandbox)
         _place_file_grants(spec.root, d.boot.get("grants", []))
         oom_before = self._oom_kills()
-        self.session = self._make_session()
+        self.session = self._make_session(sandbox)
         pid = await self.session.start()
         if pid is not None:
             d.send_ipc({"t": "session_started", "task_id": self.task_id, "pid": pid})
@@ -85,17 +87,15 @@ class TaskRunner:
                                          retriable=sessions.is_retriable("oom"))
         return result
 
-    def _make_session(self) -> sessions.Session:
+    def _make_session(self, sandbox: dict[str, Any] | None) -> sessions.Session:
         spec, boot = self.d.spec, self.d.boot
         assert spec is not None
         env = sessions.clean_env(os.environ, home=spec.root, config_dir=spec.config_dir,
                                  tmpdir=spec.tmp_dir, grants=_read_grants(boot.get("grants", [])),
                                  extra=boot.get("agent_env", {}))
         argv = list(boot["agent_command"]) + [self.prompt]
-        from .isolation import resolve
         plan = LaunchPlan(name=f"{spec.name}/{self.task_id}", supervisor_pid=os.getpid(),
-                          new_session=False, sandbox=resolve(boot.get("sandbox"), spec.root, spec.tmp_dir),
-                          cgroup=_session_limit(boot.get("cgroup")))
+                          new_session=False, sandbox=sandbox, cgroup=_session_limit(boot.get("cgroup")))
         if plan.sandbox and plan.sandbox.get("kind") == "bwrap":
             from .isolation import bwrap_argv_from_spec
             argv = bwrap_argv_from_spec(plan.sandbox, argv, cwd=str(spec.root))
@@ -108,15 +108,14 @@ class TaskRunner:
             on_status=self._on_status, on_output=self._on_output,
             status_interval=float(boot.get("status_interval", 10.0)))
 
-    def _branch(self) -> None:
+    def _branch(self, sandbox: dict[str, Any] | None) -> None:
         """Work on branch swarm/<agent>/<task> when the workspace is a git repo."""
         spec = self.d.spec
         assert spec is not None
         if not workspace.is_git_repo(spec.root) or not verbs.is_valid_task_id(self.task_id):
             return
         branch = f"swarm/{spec.name}/{self.task_id}"
-        from .isolation import bwrap_argv_from_spec, resolve
-        sandbox = resolve(self.d.boot.get("sandbox"), spec.root, spec.tmp_dir)
+        from .isolation import bwrap_argv_from_spec
         wrap = None
         if sandbox and sandbox.get("kind") == "bwrap":  # the daemon itself is not confined then
             wrap = lambda argv: bwrap_argv_from_spec(sandbox, argv, cwd=str(spec.root))  # noqa: E731
