@@ -122,7 +122,8 @@ class Coordinator:
         self.client = AgentChatClient(self.sup.relay_url, identity, list(cfg.agentchat_channels),
                                       on_message=self._on_chat, on_event=self._on_link_event,
                                       send_interval=1.0 / cfg.agentchat_rate_limit
-                                      if cfg.agentchat_rate_limit else 0.0)
+                                      if cfg.agentchat_rate_limit else 0.0,
+                                      deliver_replay=True)  # TASKs posted while we were away
         asyncio.get_running_loop().create_task(self.client.run())
         await self.client.wait_connected(10.0)
 
@@ -263,6 +264,8 @@ class Coordinator:
         except verbs.VerbError as exc:
             log.info("dropped malformed line from %s: %s", sender[:40], exc, extra=log_fields(event="bad-line"))
             return
+        if frame.get("replay") and not isinstance(verb, verbs.Task):
+            return  # history: only a task we have not seen is news
         handler = getattr(self, f"_on_{type(verb).__name__.lower()}", None)
         if handler is not None:
             handler(verb, sender)

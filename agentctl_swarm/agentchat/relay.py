@@ -7,7 +7,7 @@ differences, all to keep a 1000-daemon swarm cheap:
 
 * a valid channel is created by the first JOIN (the real server has a fixed
   preset list and says CHANNEL_NOT_FOUND for others);
-* no replay buffer, no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only
+* a replay of the last HISTORY channel MSGs to each joiner (``replay: true``); no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only
   with ``announce_presence=True`` (N joins would otherwise cost O(N²) frames);
 * ``lurk=True`` makes *every* identity lurk for ``lurk_s`` (the real server
   lurks identities first seen less than an hour ago).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import base64
 import binascii
 import itertools
@@ -49,6 +50,7 @@ from agentctl_swarm.agentchat import protocol as p
 from agentctl_swarm.agentchat.identity import agent_id_for
 
 log = logging.getLogger(__name__)
+HISTORY = 50  # channel MSGs replayed to a joiner
 
 LURK_REASON = "New identities must wait 1 hour before sending messages."
 
@@ -103,6 +105,9 @@ class Relay:
         self._by_id: dict[str, _Conn] = {}
         self._challenges: dict[str, _Conn] = {}
         self._channels: dict[str, dict[Any, _Conn]] = {}
+        # The last channel MSGs, replayed to a joiner flagged "replay": true as the real
+        # server does, so a line sent just before someone (re)joins is not lost to them.
+        self._history: dict[str, collections.deque[str]] = {}
         self._bg: set[asyncio.Task] = set()
         self._msg_ids = itertools.count(1)
         self._counts = {"handshakes": 0, "msgs_relayed": 0, "frames_fanned_out": 0,
@@ -324,6 +329,8 @@ class Relay:
         text = (f'{{"type":"{p.JOINED}","ts":{_now_ms()},"channel":{json.dumps(name)},'
                 f'"agents":[{frags}]}}')
         _ws.broadcast((conn.ws,), text)
+        for replay in self._history.get(name, ()):
+            _ws.broadcast((conn.ws,), replay)
 
     def _on_leave(self, conn: _Conn, msg: dict) -> None:
         if not self._identified(conn):
@@ -358,6 +365,9 @@ class Relay:
                          "from_name": conn.name, "to": to, "content": msg["content"],
                          "msg_id": f"{_now_ms()}-{next(self._msg_ids):x}", "verified": False})
         _ws.broadcast(targets, text)
+        if to.startswith("#"):
+            history = self._history.setdefault(to, collections.deque(maxlen=HISTORY))
+            history.append(text[:-1] + ',"replay":true}')
         self._counts["msgs_relayed"] += 1
         self._counts["frames_fanned_out"] += len(targets)
 
