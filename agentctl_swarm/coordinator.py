@@ -217,20 +217,41 @@ class Coordinator:
         return record
 
     def _archive(self, records: list[TaskRecord]) -> bool:
-        """Move finished tasks out of tasks.json into an append-only archive (nothing is lost)."""
+        """Move finished tasks out of tasks.json into an append-only archive (nothing is lost).
+
+        All or nothing: a short write (a full disk) is cut back to the old end of the
+        file, so a record is either whole in the archive or still in tasks.json. A torn
+        last line left by a crash is ended first, so it never glues onto the next record.
+        """
         path = self.sup.paths.state_file("tasks-archive").with_suffix(".jsonl")
+        data = "".join(json.dumps(r.public()) + "\n" for r in records).encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, "".join(json.dumps(r.public()) + "\n" for r in records).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            log.error("task archive not written (%s); finished tasks stay in tasks.json", exc,
-                      extra=log_fields(event="state"))
-            return False
+            return self._archive_failed(exc)
+        try:
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, end)
+                return self._archive_failed(exc)
+        except OSError as exc:
+            return self._archive_failed(exc)
+        finally:
+            os.close(fd)
         return True
+
+    @staticmethod
+    def _archive_failed(exc: OSError) -> bool:
+        log.error("task archive not written (%s); finished tasks stay in tasks.json", exc,
+                  extra=log_fields(event="state"))
+        return False
 
     def archived(self) -> list[dict[str, Any]]:
         path = self.sup.paths.state_file("tasks-archive").with_suffix(".jsonl")
@@ -250,7 +271,12 @@ class Coordinator:
 
     def listing(self, include_archived: bool = False) -> list[dict[str, Any]]:
         live = [t.public() for t in sorted(self.tasks.values(), key=lambda t: t.created)]
-        return (self.archived() + live) if include_archived else live
+        if not include_archived:
+            return live
+        # A crash between the archive append and the tasks.json save archives a task that
+        # tasks.json still holds (it is archived again later): each task is listed once.
+        archived = {t["id"]: t for t in self.archived() if t["id"] not in self.tasks}
+        return list(archived.values()) + live
 
     # ------------------------------------------------------------ the channel
     def _on_chat(self, frame: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from collections import OrderedDict
 from enum import Enum
 from typing import Any
@@ -34,6 +35,7 @@ EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # workspace or identity could not be prepared: do not retry blindly
 CLAIM_JITTER_S = 0.3
 MAX_OFFERS = 64
+READ_GAP_S = 0.1  # under a stream of channel frames, read in batches (agentchat._ws)
 
 
 class Status(str, Enum):
@@ -160,7 +162,9 @@ class Daemon:
             on_message=self._on_chat, on_event=self._on_link_event,
             send_interval=float(self.boot.get("send_interval", 1.0)),
             # a heartbeat not echoed before the next one is due means a dead link
-            ack_timeout=min(10.0, max(2.0, float(self.boot.get("heartbeat_interval", 30.0)))))
+            ack_timeout=min(10.0, max(2.0, float(self.boot.get("heartbeat_interval", 30.0)))),
+            keepalive=None,  # the echo of each heartbeat already proves the link alive
+            read_gap=READ_GAP_S)
         asyncio.get_running_loop().create_task(self.client.run())
 
     def request_stop(self, why: str = "") -> None:
@@ -264,12 +268,20 @@ class Daemon:
                        "queued": queued})
         self._schedule_heartbeat()
 
-    def _schedule_heartbeat(self, phase: float = 1.0) -> None:
-        """Next heartbeat in ``phase`` × heartbeat-interval (never later than one interval)."""
+    def _schedule_heartbeat(self) -> None:
+        """Next heartbeat at the next multiple of heartbeat-interval on the wall clock.
+
+        Aligned on purpose: every daemon on the channel receives every heartbeat, so
+        the swarm's beats in one burst reach each daemon in one or two wake-ups
+        (the relay batches per turn), where beats spread over the interval would wake
+        every daemon once per beat — N² wake-ups of a cold process per interval.
+        Never later than one interval from now, so the health monitor's deadline holds.
+        """
         if self._hb is not None:
             self._hb.cancel()
         interval = float(self.boot.get("heartbeat_interval", 30.0))
-        self._hb = asyncio.get_running_loop().call_later(interval * phase, self.heartbeat)
+        delay = max(interval - time.time() % interval, 0.05)
+        self._hb = asyncio.get_running_loop().call_later(delay, self.heartbeat)
 
     def say(self, line: str) -> None:
         """Send one line to the work channel (queued while disconnected)."""
@@ -284,7 +296,6 @@ class Daemon:
                 log.warning("agentchat says this identity is lurking (lurk_until %s)",
                             detail.get("lurk_until"), extra={"event": "lurk"})
             self.heartbeat()
-            self._schedule_heartbeat(phase=random.uniform(0.5, 1.0))  # spread the swarm's beats
             return
         safe = {k: v for k, v in detail.items() if isinstance(v, (str, int, float, bool))}
         self.send_ipc({"t": "link", "event": event[:64], "detail": safe})

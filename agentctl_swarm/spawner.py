@@ -44,6 +44,8 @@ EXIT_ORPHANED = 75  # the supervisor died before the child could tie itself to i
 EXIT_SETUP_FAILED = 76  # cgroup, sandbox or descriptor setup failed in the child
 FORKSERVER_TIMEOUT = 5.0
 FORKSERVER_IN_FLIGHT = 16  # requests on the socket at once: a burst never fills its buffer
+BOOTS_PER_CPU = 4       # daemons between fork and "ready" at once, per CPU
+BOOT_GATE_TIMEOUT = 3.0  # a daemon slower than this to boot (a git clone) stops holding a place
 
 
 @dataclass
@@ -256,6 +258,39 @@ class ForkServerClient:
             self._sock = None
 
 
+class BootGate:
+    """At most ``limit`` daemons booting (between spawn and "ready") at once.
+
+    Measured on 2 cores: 100 daemons forked at once spend 20-40 ms of CPU each on
+    a 6 ms boot, because they thrash the caches and starve the fork-server and the
+    relay that every one of them waits on. Admitting a few per CPU at a time keeps
+    each boot short and the helpers responsive, so the whole swarm is ready
+    sooner. A place is given back on "ready", on exit, on a failed spawn, or after
+    ``timeout`` (a daemon cloning a repository must not hold up the rest).
+    """
+
+    def __init__(self, limit: int, timeout: float = BOOT_GATE_TIMEOUT) -> None:
+        self.limit, self.timeout = limit, timeout
+        self._sem = asyncio.Semaphore(limit)
+        self._held: dict[str, asyncio.TimerHandle] = {}
+
+    @property
+    def booting(self) -> int:
+        return len(self._held)
+
+    async def enter(self, name: str) -> None:
+        self.leave(name)  # a restart of the same slot never holds two places
+        await self._sem.acquire()
+        self._held[name] = asyncio.get_running_loop().call_later(self.timeout, self.leave, name)
+
+    def leave(self, name: str) -> None:
+        """Give back ``name``'s place (idempotent)."""
+        timer = self._held.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+            self._sem.release()
+
+
 class Spawner:
     """Starts daemons by the configured path, falling back to exec when the zygote is down."""
 
@@ -263,6 +298,7 @@ class Spawner:
         self.mode = mode
         self.supervisor_pid = supervisor_pid
         self.forkserver = ForkServerClient(supervisor_pid) if mode == "fork-server" else None
+        self.gate = BootGate(BOOTS_PER_CPU * (os.cpu_count() or 1))
 
     async def start_forkserver(self, cgroup: dict[str, Any] | None = None) -> int | None:
         if self.forkserver is None:

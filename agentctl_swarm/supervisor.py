@@ -158,8 +158,7 @@ class Supervisor:
             log.warning("%s", problem, extra=log_fields(event="state"))
         self.saved_restarts = saved if isinstance(saved, dict) else {}
         self.isolation = Isolation.detect(self.config)
-        await self.start_relay()
-        await self.start_forkserver()
+        await asyncio.gather(self.start_relay(), self.start_forkserver())  # two execs at once
         from .control.server import ControlServer
         self.control = ControlServer(self, self.paths.control_socket, self.paths.control_token)
         await self.control.start()
@@ -366,12 +365,20 @@ class Supervisor:
         joined = cgroup if cgroup and cgroup.get("enforcement") != "rlimit" else None
         plan = LaunchPlan(name=slot.name, cgroup=joined)
         slot.status, slot.connected = SlotStatus.STARTING, False
+        await self.spawner.gate.enter(slot.name)
+        if slot.retiring or self.stopping:
+            self.spawner.gate.leave(slot.name)
+            return
         try:
             pid, sock, via = await self.spawner.spawn_daemon(plan)
         except (SpawnError, OSError) as exc:
+            self.spawner.gate.leave(slot.name)
             log.error("could not start %s: %s", slot.name, exc, extra=slot.fields(event="spawn"))
             self._crashed(slot, f"spawn failed: {exc}")
             return
+        except BaseException:
+            self.spawner.gate.leave(slot.name)
+            raise
         slot.pid, slot.spawned_via, slot.started_at = pid, via, time.monotonic()
         slot.idle_since = slot.started_at
         slot.restarts.on_start(slot.started_at)
@@ -438,6 +445,7 @@ class Supervisor:
     def _on_daemon_exit(self, slot: Slot, pid: int, info: proc.ExitInfo) -> None:
         if slot.pid != pid:
             return
+        self.spawner.gate.leave(slot.name)
         reason = self._exit_reason(slot, info)
         slot.pid, slot.connected = None, False
         if slot.channel is not None:
@@ -544,6 +552,7 @@ class Supervisor:
         pass
 
     def _ipc_ready(self, slot: Slot, msg: dict[str, Any]) -> None:
+        self.spawner.gate.leave(slot.name)
         slot.agent_id, slot.lurk, slot.link_problem = msg["agent_id"][:64], msg.get("lurk", False), ""
         slot.confined = msg.get("confined", "none")[:32]
         if slot.lurk:

@@ -105,8 +105,9 @@ class Swarm:
     def status(self) -> dict[str, Any]:
         return json.loads(self.cli("swarm", "status", "--json").stdout)
 
-    def tasks(self) -> dict[str, dict[str, Any]]:
-        return {t["id"]: t for t in json.loads(self.cli("task", "list", "--json").stdout)}
+    def tasks(self, include_archived: bool = False) -> dict[str, dict[str, Any]]:
+        args = ("task", "list", "--json") + (("--all",) if include_archived else ())
+        return {t["id"]: t for t in json.loads(self.cli(*args).stdout)}
 
     def agents(self) -> dict[str, dict[str, Any]]:
         return {a["name"]: a for a in self.status()["agents"]}

@@ -1,72 +1,412 @@
-"""A small shim over the two asyncio APIs of ``websockets``.
+"""WebSocket connections as plain asyncio protocols, on websockets' sans-I/O core.
 
-Design note.  Debian 12 ships websockets 10.4, which has only the *legacy* API
-(``websockets.serve/connect/broadcast``; handlers are called with one argument
-since 10.1, see ``legacy.server.remove_path_argument``).  websockets >= 13 has
-the new API in ``websockets.asyncio.{server,client}``; the legacy one is
-deprecated there.  Both share: the awaitable/async-context ``serve(...)``
-returning an object with ``close()``, ``wait_closed()`` and ``sockets``; the
-awaitable/async-context ``connect(...)``; ``recv``/``send``/``close`` and async
-iteration on a connection; ``ConnectionClosed`` with ``rcvd``; and the keyword
-arguments ``compression``, ``max_size``, ``max_queue``, ``ping_interval``,
-``ping_timeout``, ``close_timeout``, ``write_limit``.  ``open_timeout`` exists on
-both clients but only on the new server, so it is dropped for the legacy server.
+Design note.  A swarm of N daemons on one channel receives N² heartbeat frames per
+interval, so the cost of *one received frame* decides the swarm's idle CPU. The
+asyncio layers of ``websockets`` spend ~160 µs a frame here (a task wake-up, a
+message assembler, a future per ``recv``); this module keeps the parts of
+``websockets`` that are hard to get right (the HTTP upgrade, frame parsing and
+validation, close handshake, ping/pong, size limits: its sans-I/O
+``ClientProtocol``/``ServerProtocol``) and drives them from
+``asyncio.Protocol.data_received`` directly, calling ``on_text`` synchronously for
+each message: no task, no future, no queue on the hot path.  On the sending side,
+``text_frame`` encodes a server frame once so that the relay writes the same bytes
+to N transports (server frames are unmasked and compression is never negotiated,
+so they are identical for every receiver), and ``send_frame`` batches: frames
+written to one connection during one turn of the event loop leave in one
+``write`` at the end of the turn, so a burst of N channel messages costs each
+receiver one wake-up and the relay one system call per receiver, not N.
 
-Only what this package uses is exposed: ``serve``, ``connect``, ``broadcast``,
-``ConnectionClosed``, ``close_code`` and ``is_open``.
+A receiver that wants fewer wake-ups sets ``read_gap``: an isolated message is
+still handled at once, but after two reads closer than ``read_gap`` the socket is
+left unread until ``read_gap`` has passed, so a stream of messages is read in
+batches (at most about two wake-ups per gap) instead of one wake-up per message.
+
+Before ``on_text`` is set, messages queue for ``await recv()``, which is what a
+handshake wants.  Works with websockets 10.4 (Debian 12, where the sans-I/O classes
+are called ``ClientConnection``/``ServerConnection``) through 17.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.uri import parse_uri
 
-try:  # websockets >= 13
-    from websockets.asyncio.client import connect as _connect
-    from websockets.asyncio.server import broadcast as _broadcast
-    from websockets.asyncio.server import serve as _serve
+try:  # websockets >= 11
+    from websockets.client import ClientProtocol
+    from websockets.server import ServerProtocol
+except ImportError:  # websockets 10.x
+    from websockets.client import ClientConnection as ClientProtocol  # type: ignore[no-redef]
+    from websockets.server import ServerConnection as ServerProtocol  # type: ignore[no-redef]
 
-    LEGACY = False
-except ImportError:  # websockets 10.x-12.x
-    from websockets.legacy.client import connect as _connect  # type: ignore[no-redef]
-    from websockets.legacy.protocol import broadcast as _broadcast  # type: ignore[no-redef]
-    from websockets.legacy.server import serve as _serve  # type: ignore[no-redef]
+__all__ = ["ConnectionClosed", "WebSocket", "connect", "serve", "text_frame"]
 
-    LEGACY = True
+log = logging.getLogger(__name__)
 
-__all__ = ["LEGACY", "ConnectionClosed", "broadcast", "close_code", "connect", "is_open",
-           "serve"]
-
-
-def serve(handler: Callable[[Any], Awaitable[None]], host: str, port: int, **kw: Any) -> Any:
-    """Start a server calling ``handler(ws)`` per connection; await it for the server."""
-    if LEGACY:
-        kw.pop("open_timeout", None)
-    return _serve(handler, host, port, **kw)
+TEXT, BINARY, CONT, PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+CLOSE_TIMEOUT = 2.0   # s to wait for the peer's close frame / TCP close
+MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a peer this far behind is cut off, not buffered forever
 
 
-def connect(url: str, **kw: Any) -> Any:
-    """Open a client connection; await it (or ``async with`` it)."""
-    return _connect(url, **kw)
+class ConnectionClosed(Exception):
+    """The connection is closed; ``code`` is the close code the peer sent, or None."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"connection closed ({code} {reason})".strip())
+        self.code, self.reason = code, reason
 
 
-def broadcast(conns: Iterable[Any], text: str) -> None:
-    """Queue one text frame on every open connection without awaiting (no backpressure)."""
-    if LEGACY:
-        try:
-            _broadcast(conns, text)
-        except RuntimeError:  # a connection busy with a fragmented send; we never fragment
-            pass
-    else:
-        _broadcast(conns, text)
+def text_frame(text: str) -> bytes:
+    """One unmasked text frame (what a server sends), to write to many connections."""
+    return Frame(TEXT, text.encode("utf-8")).serialize(mask=False)
 
 
-def close_code(exc: ConnectionClosed) -> int | None:
-    """The close code the peer sent, or None if no close frame was received."""
-    return exc.rcvd.code if exc.rcvd is not None else None
+class WebSocket(asyncio.Protocol):
+    """One WebSocket connection; see the module docstring."""
+
+    def __init__(self, proto: Any, *, on_open: Callable[[WebSocket], None] | None = None,
+                 open_timeout: float = 10.0, batch: _Batch | None = None) -> None:
+        self.proto = proto
+        self._batch = batch
+        self._out: list[bytes] = []   # frames waiting for the end of this loop turn
+        self.on_text: Callable[[str | bytes], None] | None = None
+        self.on_close: Callable[[WebSocket], None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.open = False
+        self._on_open, self._open_timeout = on_open, open_timeout
+        self._loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._inbox: deque[str | bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._parts: list[bytes] | None = None   # a fragmented message being assembled
+        self._parts_size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._awaiting_pong = False
+        self.read_gap = 0.0
+        self._last_read = float("-inf")
+        self._resume_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)  # type: ignore[attr-defined]
+        self._timer = self._loop.call_later(self._open_timeout, self._open_timed_out)
+        if isinstance(self.proto, ClientProtocol):
+            self.proto.send_request(self.proto.connect())
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        proto = self.proto
+        proto.receive_data(data)
+        events = proto.events_received()
+        writes = proto.data_to_send()
+        if writes:
+            self._write(writes)
+        for event in events:
+            if type(event) is Frame:
+                self._on_frame(event)
+            else:
+                self._on_handshake(event)
+        if proto.close_expected():
+            self._closing()
+        elif self.read_gap:
+            self._pace_reads()
+
+    def eof_received(self) -> bool | None:
+        self._receive_eof()
+        self._flush()
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._receive_eof()
+        self.open = False
+        for timer in (self._timer, self._ping_timer, self._resume_timer):
+            if timer is not None:
+                timer.cancel()
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError(f"connection lost during the "
+                                                         f"WebSocket handshake ({exc or 'EOF'})"))
+            self.handshake.exception()  # retrieved: a lost handshake is reported by connect()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    # -- public API --------------------------------------------------------------------
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code the peer sent (None if it sent no close frame)."""
+        rcvd = getattr(self.proto, "close_rcvd", None)
+        return rcvd.code if rcvd is not None else None
+
+    @property
+    def close_reason(self) -> str:
+        rcvd = getattr(self.proto, "close_rcvd", None)
+        return rcvd.reason if rcvd is not None else ""
+
+    async def recv(self) -> str | bytes:
+        """The next message (only while ``on_text`` is None); ConnectionClosed at the end."""
+        while not self._inbox:
+            if self.closed.done():
+                raise ConnectionClosed(self.close_code, self.close_reason)
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._inbox.popleft()
+
+    def take_inbox(self) -> list[str | bytes]:
+        """Messages that arrived before ``on_text`` was set."""
+        items, self._inbox = list(self._inbox), deque()
+        return items
+
+    def send(self, text: str) -> None:
+        """Send one text message now (written to the transport, never awaited)."""
+        if not self.open:
+            raise ConnectionClosed(self.close_code, self.close_reason)
+        self.proto.send_text(text.encode("utf-8"))
+        self._flush()
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a frame made by ``text_frame`` for the end of this loop turn (server side)."""
+        if not self.open:
+            return
+        if self._batch is None:
+            self._write_now(frame)
+            return
+        if not self._out:
+            self._batch.add(self)
+        self._out.append(frame)
+
+    def flush_frames(self) -> None:
+        """Write the queued frames in one call; cut off a peer that is far behind."""
+        out, self._out = self._out, []
+        if out and self.open:
+            self._write_now(b"".join(out) if len(out) > 1 else out[0])
+
+    def _write_now(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(data)
+        if transport.get_write_buffer_size() >= MAX_WRITE_BUFFER:
+            log.warning("websocket: peer is %d bytes behind; closing it",
+                        transport.get_write_buffer_size())
+            self.abort()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; the transport closes when it ends or times out."""
+        if self.open:
+            self.proto.send_close(code, reason)
+            self._flush()
+            self._closing()
+        elif self.transport is not None and not self.closed.done():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a dead or misbehaving peer)."""
+        self.open = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+
+    def keepalive(self, interval: float | None) -> None:
+        """Ping every ``interval`` s; a peer that has not answered the last ping is dropped."""
+        if interval:
+            self._ping_timer = self._loop.call_later(interval, self._ping, interval)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is TEXT or opcode is BINARY or opcode is CONT:
+            if frame.fin and self._parts is None:
+                data: bytes = frame.data
+            else:
+                if not self._collect(frame):
+                    return
+                data = b"".join(self._parts)  # type: ignore[arg-type]
+                self._parts = None
+            if opcode is TEXT or opcode is CONT and self._text_message:
+                try:
+                    message: str | bytes = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.close(1007, "invalid UTF-8")
+                    return
+            else:
+                message = data
+            if self.on_text is not None:
+                self.on_text(message)
+            else:
+                self._inbox.append(message)
+                self._wake()
+        elif opcode is PONG:
+            self._awaiting_pong = False
+
+    _text_message = False
+
+    def _collect(self, frame: Frame) -> bool:
+        """Add a fragment; False until the message is complete (or after failing it)."""
+        if self._parts is None:
+            self._parts, self._parts_size = [], 0
+            self._text_message = frame.opcode is TEXT
+        self._parts.append(frame.data)
+        self._parts_size += len(frame.data)
+        max_size = getattr(self.proto, "max_size", None)
+        if max_size is not None and self._parts_size > max_size:
+            self._parts = None
+            self.close(1009, "message too big")
+            return False
+        return frame.fin
+
+    def _on_handshake(self, event: Any) -> None:
+        proto = self.proto
+        if isinstance(proto, ServerProtocol):
+            response = proto.accept(event)
+            proto.send_response(response)
+            self._flush()
+            if response.status_code != 101:
+                self._closing()
+                return
+        elif getattr(proto, "handshake_exc", None) is not None or event.status_code != 101:
+            self.handshake.set_exception(ConnectionError(
+                f"WebSocket handshake refused: HTTP {event.status_code}"))
+            self.handshake.exception()
+            self._closing()
+            return
+        if proto.state.name != "OPEN":
+            self._closing()
+            return
+        self.open = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.handshake.set_result(None)
+        if self._on_open is not None:
+            self._on_open(self)
+
+    def _pace_reads(self) -> None:
+        now = self._loop.time()
+        if now - self._last_read < self.read_gap and self._resume_timer is None:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self._resume_timer = self._loop.call_later(self.read_gap, self._resume_reading)
+        self._last_read = now
+
+    def _resume_reading(self) -> None:
+        self._resume_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _open_timed_out(self) -> None:
+        self._timer = None
+        if not self.open:
+            log.debug("websocket: opening handshake timed out")
+            self.abort()
+
+    def _closing(self) -> None:
+        """The TCP connection should end soon; make sure it does."""
+        if self._timer is None and self.transport is not None:
+            self._timer = self._loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        self.open = False
+
+    def _ping(self, interval: float) -> None:
+        self._ping_timer = None
+        if not self.open:
+            return
+        if self._awaiting_pong:
+            log.info("websocket: no pong within %ss; dropping the connection", interval)
+            self.abort()
+            return
+        self._awaiting_pong = True
+        self.proto.send_ping(b"")
+        self._flush()
+        self._ping_timer = self._loop.call_later(interval, self._ping, interval)
+
+    def _receive_eof(self) -> None:
+        if not self.proto.reader.eof:  # websockets 10.x raises on a second EOF
+            self.proto.receive_eof()
+
+    def _flush(self) -> None:
+        writes = self.proto.data_to_send()
+        if writes:
+            self._write(writes)
+
+    def _write(self, writes: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._out:  # keep the order: batched frames were sent first
+            self.flush_frames()
+        for data in writes:
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
-def is_open(ws: Any) -> bool:
-    """True while the connection can send (both APIs expose ``state``)."""
-    return getattr(ws.state, "name", "") == "OPEN"
+class _Batch:
+    """Connections with queued frames; flushed once per event-loop turn."""
+
+    def __init__(self) -> None:
+        self._dirty: list[WebSocket] = []
+
+    def add(self, ws: WebSocket) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._dirty.append(ws)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for ws in dirty:
+            ws.flush_frames()
+
+
+async def connect(url: str, *, max_size: int | None = 2 ** 21, open_timeout: float = 10.0,
+                  keepalive: float | None = None) -> WebSocket:
+    """Open a client connection to ``ws://`` or ``wss://`` ``url`` and complete the handshake."""
+    uri = parse_uri(url)
+    loop = asyncio.get_running_loop()
+    ctx = ssl.create_default_context() if uri.secure else None
+    transport = None
+    try:
+        async with asyncio.timeout(open_timeout):
+            transport, ws = await loop.create_connection(
+                lambda: WebSocket(ClientProtocol(uri, max_size=max_size),
+                                  open_timeout=open_timeout),
+                uri.host, uri.port, ssl=ctx)
+            await ws.handshake
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    ws.keepalive(keepalive)
+    return ws
+
+
+async def serve(on_open: Callable[[WebSocket], None], host: str, port: int, *,
+                max_size: int | None = 2 ** 21, open_timeout: float = 10.0,
+                backlog: int = 4096) -> asyncio.Server:
+    """Listen; ``on_open(ws)`` is called synchronously once a client's handshake is done."""
+    loop = asyncio.get_running_loop()
+    batch = _Batch()
+    return await loop.create_server(
+        lambda: WebSocket(ServerProtocol(max_size=max_size), on_open=on_open,
+                          open_timeout=open_timeout, batch=batch),
+        host, port, backlog=backlog)

@@ -1,9 +1,12 @@
 """The agentchat client that runs inside every daemon (and the supervisor).
 
 Design note.  Up to 1000 of these run at once, so the client is two tasks for
-its whole life — ``run()`` (connect, handshake, read) and one sender — plus
-timers; nothing is created per message and an idle client is asleep on its
-socket and an Event.  Keepalive pings default to one a minute.
+its whole life — ``run()`` (connect, handshake, then wait for the end) and one
+sender — plus timers.  Once joined, frames go from the socket's
+``data_received`` straight to ``_on_frame`` (see ``_ws``): nothing is created per
+message and an idle client is asleep on its socket.  ``read_gap`` batches reads
+under a stream of frames.  Keepalive pings default to one a minute; the daemons
+turn them off, since the echo of every heartbeat proves the link anyway.
 
 Delivery: outgoing MSGs wait in one bounded FIFO.  The sender transmits one at a
 time and waits for its *echo*: the real server (and the relay) relays a channel
@@ -69,7 +72,8 @@ class AgentChatClient:
                  send_interval: float = 1.0, backoff: Backoff = default_backoff,
                  report_after: int = 5, allow_direct: bool = False, max_queue: int = 1000,
                  handshake_timeout: float = 10.0, ack_timeout: float = 10.0,
-                 keepalive: float | None = 60.0, deliver_replay: bool = False) -> None:
+                 keepalive: float | None = 60.0, deliver_replay: bool = False,
+                 read_gap: float = 0.0) -> None:
         bad = [c for c in channels if not p.is_valid_channel(c)]
         if bad:
             raise ValueError(f"invalid channel names: {', '.join(map(repr, bad))}")
@@ -81,6 +85,7 @@ class AgentChatClient:
         self._max_queue, self._hs_timeout = max_queue, handshake_timeout
         self._ack_timeout, self._keepalive = ack_timeout, keepalive
         self._deliver_replay = deliver_replay
+        self._read_gap = read_gap
         self._queue: deque[tuple[str, str]] = deque()
         self._inflight: tuple[str, str] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -152,8 +157,10 @@ class AgentChatClient:
         self._kick.set()
         ws = self._ws
         if ws is not None:
-            with suppress(Exception):
-                await ws.close()
+            ws.close(1000, "client closing")
+            with suppress(TimeoutError):
+                async with asyncio.timeout(_ws.CLOSE_TIMEOUT + 1):
+                    await ws.wait_closed()
         task = self._run_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -208,31 +215,27 @@ class AgentChatClient:
                 await self._join_all(ws)
         except (TimeoutError, _ws.ConnectionClosed, OSError, p.ProtocolError, KeyError,
                 TypeError, _AttemptFailed) as exc:
-            with suppress(Exception):
-                await ws.close()
+            ws.abort()
             raise _AttemptFailed(f"handshake: {exc!r}") from None
         self._became_ready(ws)
         await self._read(ws)
 
-    async def _open(self) -> Any:
+    async def _open(self) -> _ws.WebSocket:
         try:
-            return await _ws.connect(
-                self._url, compression=None, max_size=2 * p.MAX_FRAME_BYTES,
-                open_timeout=self._hs_timeout, close_timeout=2, max_queue=64,
-                ping_interval=self._keepalive,
-                ping_timeout=min(20.0, self._keepalive) if self._keepalive else None)
+            return await _ws.connect(self._url, max_size=2 * p.MAX_FRAME_BYTES,
+                                     open_timeout=self._hs_timeout, keepalive=self._keepalive)
         except Exception as exc:  # refused, DNS, HTTP status, timeout: all one failure
             raise _AttemptFailed(f"connect {self._url}: {exc!r}") from None
 
-    async def _handshake(self, ws: Any) -> None:
+    async def _handshake(self, ws: _ws.WebSocket) -> None:
         ident = self._identity
-        await ws.send(p.encode({"type": p.IDENTIFY, "name": ident.name,
+        ws.send(p.encode({"type": p.IDENTIFY, "name": ident.name,
                                 "pubkey": ident.pubkey_pem}))
         chal = await self._expect(ws, p.CHALLENGE)
         stamp = int(time.time() * 1000)
         cid = str(chal["challenge_id"])
         sig = ident.sign_auth(str(chal["nonce"]), cid, stamp)
-        await ws.send(p.encode({"type": p.VERIFY_IDENTITY, "challenge_id": cid,
+        ws.send(p.encode({"type": p.VERIFY_IDENTITY, "challenge_id": cid,
                                 "signature": sig, "timestamp": stamp}))
         welcome = await self._expect(ws, p.WELCOME)
         self._agent_id = str(welcome["agent_id"])
@@ -242,7 +245,7 @@ class AgentChatClient:
             log.warning("agentchat %s: %s is in lurk mode (until %s): the server may refuse "
                         "its messages", ident.name, self._agent_id, self._lurk_until)
 
-    async def _expect(self, ws: Any, mtype: str) -> dict:
+    async def _expect(self, ws: _ws.WebSocket, mtype: str) -> dict:
         """Read until a frame of ``mtype``; an ERROR first fails the attempt."""
         while True:
             msg = p.decode(await ws.recv())
@@ -252,11 +255,11 @@ class AgentChatClient:
                 self._emit("error", _error_data(msg))
                 raise _AttemptFailed(f"{msg.get('code')}: {msg.get('message')}")
 
-    async def _join_all(self, ws: Any) -> None:
+    async def _join_all(self, ws: _ws.WebSocket) -> None:
         """Pipeline every JOIN; each gets JOINED or an ERROR, in order."""
         pending = list(self._channels)
         for channel in pending:
-            await ws.send(p.encode({"type": p.JOIN, "channel": channel}))
+            ws.send(p.encode({"type": p.JOIN, "channel": channel}))
         while pending:
             msg = p.decode(await ws.recv())
             mtype = msg.get("type")
@@ -270,21 +273,26 @@ class AgentChatClient:
             else:
                 self._handle_safely(msg)
 
-    def _became_ready(self, ws: Any) -> None:
+    def _became_ready(self, ws: _ws.WebSocket) -> None:
         self._ws, self._ready = ws, True
         self._connected_evt.set()
         self._emit("connected", {"agent_id": self._agent_id, "lurk": self._lurk,
                                  "lurk_until": self._lurk_until})
         self._kick.set()
 
-    async def _read(self, ws: Any) -> None:
+    async def _read(self, ws: _ws.WebSocket) -> None:
+        """Frames now go straight from the socket to ``_on_frame``; wait for the end."""
         reason = "connection closed"
         try:
-            async for raw in ws:
+            for raw in ws.take_inbox():
                 self._on_frame(raw)
-        except _ws.ConnectionClosed:
-            pass
+            ws.on_text = self._on_frame
+            ws.read_gap = self._read_gap
+            await ws.wait_closed()
         finally:
+            ws.on_text = None
+            if not ws.closed.done():
+                ws.abort()
             if ws.close_code is not None:
                 reason = f"closed with code {ws.close_code} {ws.close_reason or ''}".strip()
             self._lost(reason, report=not self._closing)
@@ -377,9 +385,8 @@ class AgentChatClient:
         log.warning("agentchat %s: no echo for MSG to %s within %ss; the link looks dead, "
                     "reconnecting", self._identity.name, item[0], self._ack_timeout)
         self._ack_timer = None
-        transport = getattr(self._ws, "transport", None)
-        if transport is not None:
-            transport.abort()  # _read() sees the close; _lost() requeues the MSG in flight
+        if self._ws is not None:
+            self._ws.abort()  # _read() sees the close; _lost() requeues the MSG in flight
 
     async def _sender(self) -> None:
         loop = asyncio.get_running_loop()
@@ -398,7 +405,7 @@ class AgentChatClient:
         self._ack_timer = asyncio.get_running_loop().call_later(
             self._ack_timeout, self._ack_timed_out, item)
         try:
-            await self._ws.send(p.encode({"type": p.MSG, "to": item[0], "content": item[1]}))
+            self._ws.send(p.encode({"type": p.MSG, "to": item[0], "content": item[1]}))
         except _ws.ConnectionClosed:
             pass  # _read() sees the close and _lost() requeues the MSG in flight
 

@@ -12,10 +12,11 @@ differences, all to keep a 1000-daemon swarm cheap:
 * ``lurk=True`` makes *every* identity lurk for ``lurk_s`` (the real server
   lurks identities first seen less than an hour ago).
 
-Performance: each connection is one handler task that reads frames and
-dispatches them synchronously; nothing creates a task per message.  Every
-outgoing frame is written with ``broadcast`` (no await, no backpressure), so a
-channel MSG is encoded once and written to N transports.  The JOINED member
+Performance: connections are plain asyncio protocols (``_ws``): each received
+frame is dispatched synchronously from ``data_received``, with no task per
+connection or per message.  A channel MSG is encoded as one WebSocket frame and
+the same bytes are written to N transports (no await; a peer more than
+``_ws.MAX_WRITE_BUFFER`` behind is cut off).  The JOINED member
 list is spliced from per-member JSON fragments made once at WELCOME.  Challenge
 expiry uses one ``call_later`` timer per pending challenge, no polling.
 Compression is off (permessage-deflate costs ~100s of KB per connection) and
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import base64
 import binascii
 import itertools
@@ -107,8 +109,7 @@ class Relay:
         self._channels: dict[str, dict[Any, _Conn]] = {}
         # The last channel MSGs, replayed to a joiner flagged "replay": true as the real
         # server does, so a line sent just before someone (re)joins is not lost to them.
-        self._history: dict[str, collections.deque[str]] = {}
-        self._bg: set[asyncio.Task] = set()
+        self._history: dict[str, collections.deque[bytes]] = {}  # encoded frames
         self._msg_ids = itertools.count(1)
         self._counts = {"handshakes": 0, "msgs_relayed": 0, "frames_fanned_out": 0,
                         "errors_sent": 0}
@@ -123,11 +124,9 @@ class Relay:
 
     async def start(self) -> int:
         """Bind and start accepting; returns the bound port."""
-        self._server = await _ws.serve(
-            self._handler, self.host, self.port, compression=None,
-            max_size=p.MAX_FRAME_BYTES, ping_interval=self._ping_interval,
-            close_timeout=2, backlog=4096)
-        self.port = next(iter(self._server.sockets)).getsockname()[1]
+        self._server = await _ws.serve(self._on_open, self.host, self.port,
+                                       max_size=p.MAX_FRAME_BYTES, backlog=4096)
+        self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:
@@ -135,10 +134,13 @@ class Relay:
         if self._server is None:
             return
         self._server.close()
-        await self._server.wait_closed()
         self._server = None
-        for task in list(self._bg):
-            task.cancel()
+        conns = list(self._conns)
+        for conn in conns:
+            conn.ws.close(1001, "relay stopping")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_ws.CLOSE_TIMEOUT + 1):
+                await asyncio.gather(*(conn.ws.wait_closed() for conn in conns))
 
     @property
     def url(self) -> str:
@@ -152,17 +154,17 @@ class Relay:
 
     # -- connection loop ---------------------------------------------------------------
 
-    async def _handler(self, ws: Any) -> None:
+    def _on_open(self, ws: _ws.WebSocket) -> None:
         conn = _Conn(ws)
         self._conns.add(conn)
-        try:
-            async for raw in ws:
-                self._dispatch(conn, raw)
-        except _ws.ConnectionClosed:
-            pass
-        finally:
-            self._detach(conn)
-            self._conns.discard(conn)
+        ws.on_text = lambda raw: self._dispatch(conn, raw)
+        ws.on_close = lambda _ws: self._on_close(conn)
+        if self._ping_interval:
+            ws.keepalive(self._ping_interval)
+
+    def _on_close(self, conn: _Conn) -> None:
+        self._detach(conn)
+        self._conns.discard(conn)
 
     def _dispatch(self, conn: _Conn, raw: str | bytes) -> None:
         try:
@@ -199,23 +201,24 @@ class Relay:
 
     def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
         msg["ts"] = _now_ms()
-        _ws.broadcast((conn.ws,), p.encode(msg))
+        conn.ws.send_frame(_ws.text_frame(p.encode(msg)))
 
     def _error(self, conn: _Conn, code: str, message: str) -> None:
         self._counts["errors_sent"] += 1
         self._send(conn, {"type": p.ERROR, "code": code, "message": message})
 
     def _close_later(self, conn: _Conn, code: int, reason: str) -> None:
-        task = asyncio.ensure_future(conn.ws.close(code, reason))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        """Close after the frames already written (the close frame follows them)."""
+        conn.ws.close(code, reason)
 
     def _announce(self, mtype: str, channel: str, conn: _Conn) -> None:
         if not self._presence or not self._channels.get(channel):
             return
-        text = p.encode({"type": mtype, "ts": _now_ms(), "channel": channel,
-                         "agent": conn.agent_id, "name": conn.name})
-        _ws.broadcast([ws for ws in self._channels[channel] if ws is not conn.ws], text)
+        frame = _ws.text_frame(p.encode({"type": mtype, "ts": _now_ms(), "channel": channel,
+                                         "agent": conn.agent_id, "name": conn.name}))
+        for ws in self._channels[channel]:
+            if ws is not conn.ws:
+                ws.send_frame(frame)
 
     # -- handshake ---------------------------------------------------------------------
 
@@ -328,9 +331,9 @@ class Relay:
         frags = ",".join(m.member_frag for m in members.values())
         text = (f'{{"type":"{p.JOINED}","ts":{_now_ms()},"channel":{json.dumps(name)},'
                 f'"agents":[{frags}]}}')
-        _ws.broadcast((conn.ws,), text)
+        conn.ws.send_frame(_ws.text_frame(text))
         for replay in self._history.get(name, ()):
-            _ws.broadcast((conn.ws,), replay)
+            conn.ws.send_frame(replay)
 
     def _on_leave(self, conn: _Conn, msg: dict) -> None:
         if not self._identified(conn):
@@ -364,10 +367,12 @@ class Relay:
         text = p.encode({"type": p.MSG, "ts": _now_ms(), "from": conn.agent_id,
                          "from_name": conn.name, "to": to, "content": msg["content"],
                          "msg_id": f"{_now_ms()}-{next(self._msg_ids):x}", "verified": False})
-        _ws.broadcast(targets, text)
+        frame = _ws.text_frame(text)
+        for ws in targets:
+            ws.send_frame(frame)
         if to.startswith("#"):
             history = self._history.setdefault(to, collections.deque(maxlen=HISTORY))
-            history.append(text[:-1] + ',"replay":true}')
+            history.append(_ws.text_frame(text[:-1] + ',"replay":true}'))
         self._counts["msgs_relayed"] += 1
         self._counts["frames_fanned_out"] += len(targets)
 

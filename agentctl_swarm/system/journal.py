@@ -137,8 +137,12 @@ class _QuietErrors:
 
 
 def _open_append(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o640)
+    except FileNotFoundError:  # the directory first (once, not on every open)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o640)
 
 
 def _write_line(fd: int, line: str) -> None:
@@ -198,7 +202,7 @@ class JsonFileHandler(_QuietErrors, logging.Handler):
 class AgentFilesHandler(_QuietErrors, logging.Handler):
     """Records that carry an agent, to ``<dir>/<agent>.log``; at most ``max_open`` fds."""
 
-    def __init__(self, directory: Path, max_open: int = 64) -> None:
+    def __init__(self, directory: Path, max_open: int = 256) -> None:
         super().__init__()
         self.directory = directory
         self.max_open = max_open
@@ -292,7 +296,7 @@ def setup_logging(
     level: int = logging.INFO,
     journal: bool | None = None,
     stderr: bool = True,
-    max_open_agent_files: int = 64,
+    max_open_agent_files: int = 256,
 ) -> None:
     """Install the swarm's handlers on the root logger, replacing earlier ones.
 

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from websockets.asyncio.server import serve
+from tests.rawws import serve
 
 from agentctl_swarm.agentchat.client import AgentChatClient, ChannelNotAllowed, default_backoff
 from agentctl_swarm.agentchat.identity import Identity

@@ -23,7 +23,7 @@ from typing import Any, Coroutine, TypeVar
 
 import pytest
 
-from agentctl_swarm.agentchat import _ws
+from tests import rawws
 from agentctl_swarm.agentchat import protocol as p
 from agentctl_swarm.agentchat.client import AgentChatClient, ChannelNotAllowed
 from agentctl_swarm.agentchat.identity import Identity
@@ -83,7 +83,7 @@ class Peer:
 
 async def raw_identified(url: str, name: str, channel: str = "#agents") -> Any:
     """A raw websocket that completes the handshake, joins ``channel`` and returns."""
-    ws = await _ws.connect(url, max_size=None, compression=None)
+    ws = await rawws.connect(url, max_size=None, compression=None)
     identity = Identity.generate(name)
     await ws.send(p.encode({"type": p.IDENTIFY, "name": name, "pubkey": identity.pubkey_pem}))
     chal = json.loads(await ws.recv())
@@ -223,12 +223,12 @@ def test_garbage_frames_oversized_and_invalid_utf8(swarm: Swarm, loop: Loop) -> 
             await ws.send(frame)
             await asyncio.sleep(0.05)
         await ws.close()
-        big = await _ws.connect(url, max_size=None, compression=None)
+        big = await rawws.connect(url, max_size=None, compression=None)
         try:
             await big.send("x" * (p.MAX_FRAME_BYTES + 1024))
             await asyncio.wait_for(big.recv(), 5)
-        except _ws.ConnectionClosed as exc:
-            results.append(_ws.close_code(exc))
+        except rawws.ConnectionClosed as exc:
+            results.append(rawws.close_code(exc))
         return results
     codes = loop.run(garbage(), timeout=60)
     assert codes == [p.CLOSE_TOO_BIG], codes

@@ -268,6 +268,9 @@ def test_secrets_reach_only_the_named_agent_and_never_logs(tmp_path: Path) -> No
             assert not set(names) & (set(LEAKY_ENV) - {"ANTHROPIC_API_KEY"}), names
         assert (home / "ws/swarm-builder-001/.secrets/token").read_text().strip() == FILE_SECRET
         assert not (home / "ws/swarm-general-001/.secrets/token").exists()
+        # the task's state comes over IPC; its DONE line on the channel is paced and may trail it
+        swarm.wait_for(lambda: any(c.startswith("DONE env-b") for c in watcher.contents()),
+                       timeout=15, what="DONE env-b on the channel")
         watcher.close()
         loop.close()
         channel = watcher.contents()

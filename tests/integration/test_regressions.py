@@ -219,3 +219,50 @@ def test_workspaces_left_by_a_crashed_run_are_swept(tmp_path: Path) -> None:
         swarm.wait_for(lambda: not (base / "swarm-general-099").exists(), 10, "the sweep")
         assert (base / "someone-else").is_dir() and (base / "mine-by-hand").is_dir()
         assert (base / "swarm-general-001").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
+def test_the_task_archive_is_all_or_nothing_on_a_full_disk(tmp_path: Path, monkeypatch) -> None:
+    """30-minute soak: a short write on a full disk tore an archive line; its tasks were lost."""
+    import subprocess
+    from types import SimpleNamespace
+    from agentctl_swarm import coordinator as coord
+    from agentctl_swarm.config import load_config
+    from agentctl_swarm.paths import SwarmPaths
+    monkeypatch.setattr(coord, "KEEP_FINISHED", 3)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
+    try:
+        paths = SwarmPaths(small / ".agentctl")
+        paths.ensure()
+        sup = SimpleNamespace(paths=paths, config=load_config(None, env={}, home=tmp_path), slots={},
+                              stopping=False)
+        book = coord.Coordinator(sup)
+
+        def finish(i: int) -> None:
+            record = book.add(f"task {i} " + "p" * 1500, "any", f"full-{i}")
+            record.tokens = 100
+            book._finish(record, "done", "")
+
+        for i in range(6):
+            finish(i)
+        filler = small / "filler"
+        with open(filler, "wb", buffering=0) as fh:  # the disk is now full to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * 512)
+            except OSError:
+                pass
+        for i in range(6, 12):  # archive appends fail part-way; tasks.json cannot be saved
+            finish(i)
+        filler.unlink()
+        finish(12)  # space again: everything finished so far is archived
+        archive = paths.state_file("tasks-archive").with_suffix(".jsonl")
+        lines = archive.read_text().splitlines()
+        assert all(json.loads(line)["id"].startswith("full-") for line in lines if line)
+        listed = [t["id"] for t in book.listing(include_archived=True)]
+        assert sorted(listed) == sorted(f"full-{i}" for i in range(13))
+        assert sum(t["tokens"] for t in book.listing(include_archived=True)) == 1300
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

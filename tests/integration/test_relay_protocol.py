@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from tests.rawws import connect
+from tests.rawws import ConnectionClosed, send_text_bytes
 
 from agentctl_swarm.agentchat import protocol as p
 from agentctl_swarm.agentchat.identity import Identity
@@ -235,7 +235,7 @@ async def test_non_json_and_invalid_utf8() -> None:
     assert (await recv(ws))["code"] == "INVALID_MSG"
     await ws.send(b'{"type":"PING"}')  # binary frame holding valid JSON is accepted
     assert (await recv(ws))["type"] == "PONG"
-    await ws.send(b"\xff\xfe", text=True)  # a text frame that is not UTF-8: protocol error
+    await send_text_bytes(ws, b"\xff\xfe")  # a text frame that is not UTF-8: protocol error
     assert await closed_code(ws) == 1007
     await relay.stop()
 

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from agentctl_swarm.agentchat import _ws
+from tests import rawws
 from agentctl_swarm.agentchat.client import AgentChatClient
 from agentctl_swarm.agentchat.identity import Identity
 
@@ -156,7 +156,7 @@ class Poster:
 
 async def _raw_join(url: str, identity: Identity) -> Any:
     """Connect and identify with raw frames; returns the open connection."""
-    ws = await _ws.connect(url, max_size=None, compression=None)
+    ws = await rawws.connect(url, max_size=None, compression=None)
     await ws.send(json.dumps({"type": "IDENTIFY", "name": identity.name, "pubkey": identity.pubkey_pem}))
     while True:
         msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -198,7 +198,7 @@ async def flood(url: str, seconds: float, rng: random.Random, agents: list[str],
     slow = None
     try:
         slow = await _raw_join(url, slow_identity)  # then never read: a stalled consumer
-    except (OSError, ConnectionError, asyncio.TimeoutError, _ws.ConnectionClosed):
+    except (OSError, ConnectionError, asyncio.TimeoutError, rawws.ConnectionClosed):
         pass
     deadline = time.monotonic() + seconds
     ws = None
@@ -209,7 +209,7 @@ async def flood(url: str, seconds: float, rng: random.Random, agents: list[str],
                 stats["reconnects"] += 1
             await _flood_burst(ws, rng, agents, tasks, stats)
             await asyncio.sleep(0.05)
-        except (OSError, ConnectionError, asyncio.TimeoutError, _ws.ConnectionClosed):
+        except (OSError, ConnectionError, asyncio.TimeoutError, rawws.ConnectionClosed):
             ws = None
             await asyncio.sleep(0.2)
     for conn in (ws, slow):

@@ -1,0 +1,148 @@
+"""agentchat._ws: the lean WebSocket transport, over real loopback sockets.
+
+The peer on the other side is the websockets library's own client or server
+(``tests.rawws``) wherever one is needed, so both directions are checked against an
+independent implementation.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import time
+
+import pytest
+
+from agentctl_swarm.agentchat import _ws
+from tests import rawws
+
+
+def arun(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 30))
+    return wrapper
+
+
+class Sink:
+    """A server side that records what it gets."""
+
+    def __init__(self) -> None:
+        self.conns: list[_ws.WebSocket] = []
+        self.got: list[str | bytes] = []
+        self.opened = asyncio.Event()
+
+    def on_open(self, ws: _ws.WebSocket) -> None:
+        self.conns.append(ws)
+        ws.on_text = self.got.append
+        self.opened.set()
+
+
+async def until(pred, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@arun
+async def test_library_client_round_trip_fragments_and_close_code() -> None:
+    sink = Sink()
+    server = await _ws.serve(sink.on_open, "127.0.0.1", 0, max_size=1000)
+    port = server.sockets[0].getsockname()[1]
+    async with rawws.connect(f"ws://127.0.0.1:{port}") as ws:
+        await ws.send("hello")
+        await ws.send(["frag", "mented"])  # one message in three frames
+        await until(lambda: sink.got == ["hello", "fragmented"])
+        sink.conns[0].send("back")
+        assert await asyncio.wait_for(ws.recv(), 5) == "back"
+        frame = _ws.text_frame("pre-encoded")
+        sink.conns[0].send_frame(frame)
+        assert await asyncio.wait_for(ws.recv(), 5) == "pre-encoded"
+        await ws.send(["x" * 600, "y" * 600])  # fragments that add up past max_size
+        with pytest.raises(rawws.ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert rawws.close_code(info.value) == 1009
+    await until(lambda: sink.conns[0].closed.done())
+    server.close()
+
+
+@arun
+async def test_client_against_library_server_and_clean_close() -> None:
+    async def echo(ws) -> None:
+        async for msg in ws:
+            await ws.send(f"echo {msg}")
+
+    async with rawws.serve(echo, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        ws = await _ws.connect(f"ws://127.0.0.1:{port}")
+        ws.send("one")
+        assert await ws.recv() == "echo one"
+        got: list[str | bytes] = []
+        ws.on_text = got.append  # callback mode: no recv() at all
+        ws.send("two")
+        await until(lambda: got == ["echo two"])
+        ws.close(1000, "bye")
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        with pytest.raises(_ws.ConnectionClosed):
+            ws.send("after close")
+
+
+@arun
+async def test_keepalive_drops_a_peer_that_stops_answering() -> None:
+    sink = Sink()
+    server = await _ws.serve(sink.on_open, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ws = await _ws.connect(f"ws://127.0.0.1:{port}", keepalive=0.2)
+    await sink.opened.wait()
+    await asyncio.sleep(0.5)
+    assert not ws.closed.done(), "a peer that answers pings must be kept"
+    sink.conns[0].transport.pause_reading()  # frozen peer: no more pongs
+    t0 = time.monotonic()
+    await asyncio.wait_for(ws.wait_closed(), 5)
+    assert time.monotonic() - t0 < 1.0
+    server.close()
+
+
+@arun
+async def test_a_reader_that_falls_too_far_behind_is_cut_off(monkeypatch) -> None:
+    monkeypatch.setattr(_ws, "MAX_WRITE_BUFFER", 256 * 1024)
+    sink = Sink()
+    server = await _ws.serve(sink.on_open, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ws = await _ws.connect(f"ws://127.0.0.1:{port}")
+    ws.transport.pause_reading()  # a stalled consumer
+    await sink.opened.wait()
+    frame = _ws.text_frame("z" * 4096)
+    for _ in range(2000):  # 8 MB: more than the kernel buffers plus the limit
+        sink.conns[0].send_frame(frame)
+        if sink.conns[0].closed.done():
+            break
+        await asyncio.sleep(0)
+    await until(lambda: sink.conns[0].closed.done())
+    ws.abort()
+    server.close()
+
+
+@arun
+async def test_connect_errors_are_clear() -> None:
+    async def http_404(reader, writer) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http_404, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with pytest.raises(ConnectionError, match="HTTP 404"):
+        await _ws.connect(f"ws://127.0.0.1:{port}")
+    server.close()
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await _ws.connect(f"ws://127.0.0.1:{silent.getsockname()[1]}", open_timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    silent.close()
