@@ -35,7 +35,7 @@ EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # workspace or identity could not be prepared: do not retry blindly
 CLAIM_JITTER_S = 0.3
 MAX_OFFERS = 64
-READ_GAP_S = 0.1  # under a stream of channel frames, read in batches (agentchat._ws)
+READ_GAP_S = 0.25  # under a stream of channel frames, read in batches (agentchat._ws)
 
 
 class Status(str, Enum):

@@ -19,7 +19,7 @@ receiver one wake-up and the relay one system call per receiver, not N.
 A receiver that wants fewer wake-ups sets ``read_gap``: an isolated message is
 still handled at once, but after two reads closer than ``read_gap`` the socket is
 left unread until ``read_gap`` has passed, so a stream of messages is read in
-batches (at most about two wake-ups per gap) instead of one wake-up per message.
+batches (one wake-up per gap) instead of one wake-up per message.
 
 Before ``on_text`` is set, messages queue for ``await recv()``, which is what a
 handshake wants.  Works with websockets 10.4 (Debian 12, where the sans-I/O classes
@@ -305,7 +305,10 @@ class WebSocket(asyncio.Protocol):
         self._last_read = now
 
     def _resume_reading(self) -> None:
+        # Counted as a read: what waited is read now, in this same wake-up, and if the
+        # stream goes on, the next read pauses again, so a stream costs one wake-up per gap.
         self._resume_timer = None
+        self._last_read = self._loop.time()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
