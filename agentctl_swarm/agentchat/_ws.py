@@ -73,7 +73,8 @@ class WebSocket(asyncio.Protocol):
                  open_timeout: float = 10.0, batch: _Batch | None = None) -> None:
         self.proto = proto
         self._batch = batch
-        self._out: list[bytes] = []   # frames waiting for the end of this loop turn
+        self._out: list[bytes] = []   # frames waiting for their batch to be flushed
+        self._urgent = False
         self.on_text: Callable[[str | bytes], None] | None = None
         self.on_close: Callable[[WebSocket], None] | None = None
         self.transport: asyncio.Transport | None = None
@@ -178,8 +179,12 @@ class WebSocket(asyncio.Protocol):
         self.proto.send_text(text.encode("utf-8"))
         self._flush()
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue a frame made by ``text_frame`` for the end of this loop turn (server side)."""
+    def send_frame(self, frame: bytes, urgent: bool = False) -> None:
+        """Queue a frame made by ``text_frame`` (server side).
+
+        It leaves with the batch (see ``_Batch``), or at the end of this loop turn if
+        ``urgent`` (a reply this peer is waiting for), after whatever was queued first.
+        """
         if not self.open:
             return
         if self._batch is None:
@@ -188,9 +193,13 @@ class WebSocket(asyncio.Protocol):
         if not self._out:
             self._batch.add(self)
         self._out.append(frame)
+        if urgent and not self._urgent:
+            self._urgent = True
+            self._loop.call_soon(self.flush_frames)
 
     def flush_frames(self) -> None:
         """Write the queued frames in one call; cut off a peer that is far behind."""
+        self._urgent = False
         out, self._out = self._out, []
         if out and self.open:
             self._write_now(b"".join(out) if len(out) > 1 else out[0])
@@ -365,17 +374,31 @@ class WebSocket(asyncio.Protocol):
 
 
 class _Batch:
-    """Connections with queued frames; flushed once per event-loop turn."""
+    """Connections with queued frames, flushed together.
 
-    def __init__(self) -> None:
+    The first frames after a quiet spell leave at the end of this loop turn; while
+    frames keep coming, flushes are at least ``cork`` apart (a write coalescing
+    window, like Nagle's): a start-up burst of N heartbeats then costs each member
+    one write per window instead of one per heartbeat.
+    """
+
+    def __init__(self, cork: float = 0.0) -> None:
         self._dirty: list[WebSocket] = []
+        self.cork = cork
+        self._last = float("-inf")
 
     def add(self, ws: WebSocket) -> None:
         if not self._dirty:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            at = self._last + self.cork
+            if at > loop.time():
+                loop.call_at(at, self.flush)
+            else:
+                loop.call_soon(self.flush)
         self._dirty.append(ws)
 
     def flush(self) -> None:
+        self._last = asyncio.get_running_loop().time()
         dirty, self._dirty = self._dirty, []
         for ws in dirty:
             ws.flush_frames()
@@ -405,10 +428,13 @@ async def connect(url: str, *, max_size: int | None = 2 ** 21, open_timeout: flo
 
 async def serve(on_open: Callable[[WebSocket], None], host: str, port: int, *,
                 max_size: int | None = 2 ** 21, open_timeout: float = 10.0,
-                backlog: int = 4096) -> asyncio.Server:
-    """Listen; ``on_open(ws)`` is called synchronously once a client's handshake is done."""
+                backlog: int = 4096, cork: float = 0.0) -> asyncio.Server:
+    """Listen; ``on_open(ws)`` is called synchronously once a client's handshake is done.
+
+    ``cork``: the least time between two flushes of ``send_frame`` batches (see _Batch).
+    """
     loop = asyncio.get_running_loop()
-    batch = _Batch()
+    batch = _Batch(cork)
     return await loop.create_server(
         lambda: WebSocket(ServerProtocol(max_size=max_size), on_open=on_open,
                           open_timeout=open_timeout, batch=batch),

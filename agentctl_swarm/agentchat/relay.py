@@ -16,7 +16,9 @@ Performance: connections are plain asyncio protocols (``_ws``): each received
 frame is dispatched synchronously from ``data_received``, with no task per
 connection or per message.  A channel MSG is encoded as one WebSocket frame and
 the same bytes are written to N transports (no await; a peer more than
-``_ws.MAX_WRITE_BUFFER`` behind is cut off).  The JOINED member
+``_ws.MAX_WRITE_BUFFER`` behind is cut off).  Fan-out is batched per member and,
+while MSGs keep coming, flushed at most every ``CORK_S``; replies a peer waits
+for (CHALLENGE, WELCOME, JOINED, ERROR, PONG) leave at the end of the loop turn.  The JOINED member
 list is spliced from per-member JSON fragments made once at WELCOME.  Challenge
 expiry uses one ``call_later`` timer per pending challenge, no polling.
 Compression is off (permessage-deflate costs ~100s of KB per connection) and
@@ -53,6 +55,7 @@ from agentctl_swarm.agentchat.identity import agent_id_for
 
 log = logging.getLogger(__name__)
 HISTORY = 50  # channel MSGs replayed to a joiner
+CORK_S = 0.02  # under a stream of MSGs, fan-out writes leave at most every 20 ms
 
 LURK_REASON = "New identities must wait 1 hour before sending messages."
 
@@ -125,7 +128,7 @@ class Relay:
     async def start(self) -> int:
         """Bind and start accepting; returns the bound port."""
         self._server = await _ws.serve(self._on_open, self.host, self.port,
-                                       max_size=p.MAX_FRAME_BYTES, backlog=4096)
+                                       max_size=p.MAX_FRAME_BYTES, backlog=4096, cork=CORK_S)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -201,7 +204,7 @@ class Relay:
 
     def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
         msg["ts"] = _now_ms()
-        conn.ws.send_frame(_ws.text_frame(p.encode(msg)))
+        conn.ws.send_frame(_ws.text_frame(p.encode(msg)), urgent=True)
 
     def _error(self, conn: _Conn, code: str, message: str) -> None:
         self._counts["errors_sent"] += 1
@@ -331,9 +334,8 @@ class Relay:
         frags = ",".join(m.member_frag for m in members.values())
         text = (f'{{"type":"{p.JOINED}","ts":{_now_ms()},"channel":{json.dumps(name)},'
                 f'"agents":[{frags}]}}')
-        conn.ws.send_frame(_ws.text_frame(text))
-        for replay in self._history.get(name, ()):
-            conn.ws.send_frame(replay)
+        for frame in (_ws.text_frame(text), *self._history.get(name, ())):
+            conn.ws.send_frame(frame, urgent=True)
 
     def _on_leave(self, conn: _Conn, msg: dict) -> None:
         if not self._identified(conn):

@@ -37,6 +37,11 @@ class Sink:
         ws.on_text = self.got.append
         self.opened.set()
 
+    async def serve(self, **kw) -> str:
+        """Listen on loopback with ``_ws.serve``; returns the URL."""
+        self.server = await _ws.serve(self.on_open, "127.0.0.1", 0, **kw)
+        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
 
 async def until(pred, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
@@ -48,9 +53,8 @@ async def until(pred, timeout: float = 5.0) -> None:
 @arun
 async def test_library_client_round_trip_fragments_and_close_code() -> None:
     sink = Sink()
-    server = await _ws.serve(sink.on_open, "127.0.0.1", 0, max_size=1000)
-    port = server.sockets[0].getsockname()[1]
-    async with rawws.connect(f"ws://127.0.0.1:{port}") as ws:
+    url = await sink.serve(max_size=1000)
+    async with rawws.connect(url) as ws:
         await ws.send("hello")
         await ws.send(["frag", "mented"])  # one message in three frames
         await until(lambda: sink.got == ["hello", "fragmented"])
@@ -64,7 +68,7 @@ async def test_library_client_round_trip_fragments_and_close_code() -> None:
             await asyncio.wait_for(ws.recv(), 5)
         assert rawws.close_code(info.value) == 1009
     await until(lambda: sink.conns[0].closed.done())
-    server.close()
+    sink.server.close()
 
 
 @arun
@@ -91,9 +95,8 @@ async def test_client_against_library_server_and_clean_close() -> None:
 @arun
 async def test_keepalive_drops_a_peer_that_stops_answering() -> None:
     sink = Sink()
-    server = await _ws.serve(sink.on_open, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    ws = await _ws.connect(f"ws://127.0.0.1:{port}", keepalive=0.2)
+    url = await sink.serve()
+    ws = await _ws.connect(url, keepalive=0.2)
     await sink.opened.wait()
     await asyncio.sleep(0.5)
     assert not ws.closed.done(), "a peer that answers pings must be kept"
@@ -101,16 +104,15 @@ async def test_keepalive_drops_a_peer_that_stops_answering() -> None:
     t0 = time.monotonic()
     await asyncio.wait_for(ws.wait_closed(), 5)
     assert time.monotonic() - t0 < 1.0
-    server.close()
+    sink.server.close()
 
 
 @arun
 async def test_a_reader_that_falls_too_far_behind_is_cut_off(monkeypatch) -> None:
     monkeypatch.setattr(_ws, "MAX_WRITE_BUFFER", 256 * 1024)
     sink = Sink()
-    server = await _ws.serve(sink.on_open, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    ws = await _ws.connect(f"ws://127.0.0.1:{port}")
+    url = await sink.serve()
+    ws = await _ws.connect(url)
     ws.transport.pause_reading()  # a stalled consumer
     await sink.opened.wait()
     frame = _ws.text_frame("z" * 4096)
@@ -121,7 +123,7 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_off(monkeypatch) -> Non
         await asyncio.sleep(0)
     await until(lambda: sink.conns[0].closed.done())
     ws.abort()
-    server.close()
+    sink.server.close()
 
 
 @arun
@@ -146,3 +148,29 @@ async def test_connect_errors_are_clear() -> None:
         await _ws.connect(f"ws://127.0.0.1:{silent.getsockname()[1]}", open_timeout=0.3)
     assert time.monotonic() - t0 < 2
     silent.close()
+
+
+@arun
+async def test_fan_out_is_corked_under_a_stream_but_replies_are_not() -> None:
+    sink = Sink()
+    url = await sink.serve(cork=0.3)
+    async with rawws.connect(url) as ws:
+        await sink.opened.wait()
+        conn = sink.conns[0]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        conn.send_frame(_ws.text_frame("first"))  # after a quiet spell: this loop turn
+        assert await asyncio.wait_for(ws.recv(), 5) == "first"
+        assert loop.time() - t0 < 0.2
+        conn.send_frame(_ws.text_frame("second"))  # a stream: waits for the cork window
+        conn.send_frame(_ws.text_frame("third"))
+        assert await asyncio.wait_for(ws.recv(), 5) == "second"
+        assert await asyncio.wait_for(ws.recv(), 5) == "third"
+        assert loop.time() - t0 >= 0.25
+        t1 = loop.time()
+        conn.send_frame(_ws.text_frame("fan-out"))  # corked again (last flush was just now)
+        conn.send_frame(_ws.text_frame("reply"), urgent=True)  # takes the queue with it, in order
+        assert await asyncio.wait_for(ws.recv(), 5) == "fan-out"
+        assert await asyncio.wait_for(ws.recv(), 5) == "reply"
+        assert loop.time() - t1 < 0.2
+    sink.server.close()

@@ -65,6 +65,8 @@ class Observer:
         self.verdicts: list[tuple[float, str, str, str]] = []  # (time, verb, task, agent)
         self.connected_since: float | None = None
         self.task_lines: set[str] = set()  # ids of TASK lines the relay delivered (any sender)
+        # STATUS and verdict lines in the order the relay delivered them: (verb, task, agent, text)
+        self.task_stream: list[tuple[str, str, str, str]] = []
 
     @property
     def connected(self) -> bool:
@@ -104,6 +106,9 @@ class Observer:
             self.hb_count[words[1]] = self.hb_count.get(words[1], 0) + 1
         elif words[0] in VERDICTS and len(words) >= 3:
             self.verdicts.append((now, words[0], words[1], words[2]))
+            self.task_stream.append((words[0], words[1], words[2], ""))
+        elif words[0] == "STATUS" and len(words) >= 3:
+            self.task_stream.append(("STATUS", words[1], words[2], words[3] if len(words) > 3 else ""))
 
     def senders_since(self, since: float) -> set[str]:
         return {name for name, t in self.last_hb.items() if t >= since}

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -974,6 +975,7 @@ class Soak:
         out.append(self.check_reloads(logs))
         out.append(self.check_disk(logs))
         out.append(self.check_state_on_disk())
+        out.append(self.check_status_order())
         for name in ("status-vs-proc", "status-vs-relay", "reload-keeps-old-config", "scale",
                      "no-orphans-after-crash", "soak-internal"):
             items = self.violations.get(name, [])
@@ -1128,6 +1130,38 @@ class Soak:
                 problems.append("no log line written after space was freed")
         return Check("disk full: survives, resumes writing", not problems and bool(self.disk_notes),
                      "; ".join(problems) or f"{len(self.disk_notes)} episode(s); logs resumed after each")
+
+    def check_status_order(self) -> Check:
+        """STATUS lines reach the channel in order, also across relay outages.
+
+        The fake's slow sessions report "step i of n"; within one attempt (from one
+        agent's "Starting work" line or verdict to the next: every new attempt by the
+        same agent follows a verdict of its own, FAIL interrupted after a crash) i never
+        goes down. A resent line after a reconnect may repeat a step, never go back.
+        """
+        step = re.compile(r"step (\d+) of \d+")
+        last: dict[tuple[str, str], int] = {}
+        done: set[str] = set()
+        problems: list[str] = []
+        statuses = 0
+        for verb, task, agent, text in self.observer.task_stream:
+            if verb != "STATUS":
+                last.pop((task, agent), None)
+                if verb == "DONE":
+                    done.add(task)
+                continue
+            statuses += 1
+            if text.startswith("Starting work"):
+                last.pop((task, agent), None)
+            found = step.search(text)
+            if found:
+                i = int(found.group(1))
+                if i < last.get((task, agent), 0):
+                    problems.append(f"{task} {agent}: step {i} after step {last[(task, agent)]}")
+                last[(task, agent)] = i
+        return Check("STATUS lines in order", not problems and statuses > 0,
+                     f"{statuses} STATUS lines, {len(done)} DONE" +
+                     (f"; {len(problems)} out of order: {problems[:5]}" if problems else ""))
 
     def check_state_on_disk(self) -> Check:
         live, disk = self.final["tasks_live"], self.final["tasks_disk"]
