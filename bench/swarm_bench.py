@@ -13,9 +13,10 @@ Every figure is taken from outside the supervisor, the way a user sees it:
   supervisor uses for ``agentchat.server: embedded``) and joins ``#agents`` with
   its own observer (an ``AgentChatClient`` with a fresh identity) *before* it
   launches ``agentctl swarm start --count N``; the swarm's config points
-  ``agentchat.server`` at that relay. The relay keeps no history, so an observer
-  that joined after the supervisor had started its own relay would miss the
-  first heartbeats (the next come 30 s later). Ready = launch -> N distinct
+  ``agentchat.server`` at that relay. The relay replays only its last 50
+  channel lines to a joiner, so an observer that joined after the supervisor had
+  started its own relay would miss first heartbeats (the next come up to 30 s
+  later). Ready = launch -> N distinct
   senders of ``HEARTBEAT`` lines, i.e. identified, joined and heartbeating.
 * **Memory** is ``/proc/PID/smaps_rollup``: USS = Private_Clean + Private_Dirty,
   PSS as reported; the swarm total is supervisor + its descendants (fork-server,
