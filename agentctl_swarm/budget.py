@@ -23,6 +23,7 @@ class Budget:
         self.cost_usd = 0.0
         self.quota_paused = False
         self.quota_since: float | None = None
+        self.dirty = False  # the last save failed; the coordinator retries it
 
     def load(self) -> str | None:
         """Read the saved totals; returns a problem line when the file was corrupt."""
@@ -34,13 +35,18 @@ class Budget:
             self.quota_paused = saved.get("quota_paused") is True
         return problem
 
-    def save(self) -> None:
-        """Persist the totals; a full disk costs the write, never the swarm."""
+    def save(self) -> bool:
+        """Persist the totals; a full disk costs the write (retried later), never the swarm."""
         try:
             write_json_atomic(self.path, {"used": self.used, "cost_usd": round(self.cost_usd, 6),
                                           "limit": self.limit, "quota_paused": self.quota_paused})
         except StateError as exc:
-            log.error("budget not saved: %s", exc, extra=log_fields(event="state"))
+            if not self.dirty:
+                log.error("budget not saved: %s", exc, extra=log_fields(event="state"))
+            self.dirty = True
+            return False
+        self.dirty = False
+        return True
 
     def add(self, tokens: int, cost_usd: float) -> None:
         self.used += max(0, tokens)

@@ -97,6 +97,7 @@ class Coordinator:
         self.agent_id = ""
         self._probe_timer: asyncio.TimerHandle | None = None
         self._probing: str | None = None
+        self.unsaved = False  # the last save failed (a full disk): retried every loop turn
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -162,7 +163,16 @@ class Coordinator:
                 self._requeue(record, "supervisor restarted", count_attempt=record.state == "running")
         return problem
 
-    def _save(self) -> None:
+    def _save(self) -> str | None:
+        """Persist the budget (if a save of it failed) and the tasks; None, or why not.
+
+        A failure never stops the swarm: the state stays in memory, ``unsaved`` is set
+        and ``save_pending`` retries on every turn of the supervisor's loop, so state
+        reaches the disk within a tick of space coming back.
+        """
+        if self.budget.dirty and not self.budget.save():
+            self.unsaved = True
+            return "the budget could not be saved"
         finished = sorted((t for t in self.tasks.values() if t.state in FINAL),
                           key=lambda t: t.finished or 0)
         old = finished[:max(0, len(finished) - KEEP_FINISHED)]
@@ -173,7 +183,19 @@ class Coordinator:
             write_json_atomic(self.sup.paths.state_file("tasks"),
                               {"version": 1, "tasks": [t.public() for t in self.tasks.values()]})
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop the swarm
-            log.error("tasks not saved: %s", exc, extra=log_fields(event="state"))
+            if not self.unsaved:
+                log.error("tasks not saved: %s", exc, extra=log_fields(event="state"))
+            self.unsaved = True
+            return str(exc)
+        if self.unsaved:
+            log.info("tasks saved again", extra=log_fields(event="state"))
+        self.unsaved = False
+        return None
+
+    def save_pending(self) -> None:
+        """Retry a failed save (called every turn of the supervisor's loop)."""
+        if self.unsaved or self.budget.dirty:
+            self._save()
 
     # ------------------------------------------------------------ commands
     def add(self, prompt: str, role: str = "any", task_id: str | None = None,
@@ -194,7 +216,11 @@ class Coordinator:
             raise TaskError(f"prompt cannot be sent: {exc}") from None
         record = TaskRecord(task_id, role, prompt, created=time.time(), source=source)
         self.tasks[task_id] = record
-        self._save()
+        problem = self._save()
+        if problem is not None:  # never acknowledge a task that a crash could lose
+            del self.tasks[task_id]
+            raise TaskError(f"task {task_id} not added: state cannot be saved ({problem}); "
+                            "try again when there is space")
         log.info("task %s added (%s)", task_id, role, extra=log_fields(task=task_id, event="task-add"))
         self.pump()
         return record

@@ -194,6 +194,7 @@ class Supervisor:
                 break
             self.murder_daemons()
             self.manage_daemons()
+            self.coordinator.save_pending()
             self.coordinator.pump()
             self.notify_progress()
 

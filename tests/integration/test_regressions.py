@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agentctl_swarm import ipc
-from tests.swarmlib import Swarm, base_config
+from tests.swarmlib import Swarm, SwarmError, base_config
 
 
 def _log(swarm: Swarm) -> str:
@@ -62,6 +63,8 @@ def test_full_state_disk_does_not_kill_daemons(tmp_path: Path) -> None:
     try:
         with swarm:
             swarm.start()
+            swarm.add_task("work [fake:slow:3]", "full-1")
+            swarm.wait_tasks(["full-1"], ("running",), timeout=30)
             filler = state / "filler"
             try:
                 with open(filler, "wb") as fh:
@@ -69,8 +72,9 @@ def test_full_state_disk_does_not_kill_daemons(tmp_path: Path) -> None:
                         fh.write(b"\0" * 4096)
                         fh.flush()
             except OSError:
-                pass  # full
-            swarm.add_task("work [fake:success]", "full-1")
+                pass  # full: the session ends while nothing can be saved
+            with pytest.raises(SwarmError, match="not added: state cannot be saved"):
+                swarm.add_task("refused [fake:success]", "full-0")  # never acknowledged, so never lost
             time.sleep(0.5)
             for _ in range(2):
                 task = swarm.wait_tasks(["full-1"], timeout=30)["full-1"]
@@ -221,24 +225,50 @@ def test_workspaces_left_by_a_crashed_run_are_swept(tmp_path: Path) -> None:
         assert (base / "swarm-general-001").is_dir()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
-def test_the_task_archive_is_all_or_nothing_on_a_full_disk(tmp_path: Path, monkeypatch) -> None:
-    """30-minute soak: a short write on a full disk tore an archive line; its tasks were lost."""
-    import subprocess
+@contextlib.contextmanager
+def _small_disk(tmp_path: Path):
+    """A 512 KiB tmpfs (root only): yields (the mount, fill(), free())."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
+    filler = small / "filler"
+
+    def fill() -> None:  # the disk is full to the last byte
+        with open(filler, "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 512)
+            except OSError:
+                pass
+
+    try:
+        yield small, fill, lambda: filler.unlink()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _book(root: Path, tmp_path: Path):
     from types import SimpleNamespace
     from agentctl_swarm import coordinator as coord
     from agentctl_swarm.config import load_config
     from agentctl_swarm.paths import SwarmPaths
+    paths = SwarmPaths(root / ".agentctl")
+    paths.ensure()
+    sup = SimpleNamespace(paths=paths, config=load_config(None, env={}, home=tmp_path), slots={},
+                          stopping=False)
+    return coord.Coordinator(sup), paths
+
+
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
+
+
+@NEEDS_ROOT
+def test_the_task_archive_is_all_or_nothing_on_a_full_disk(tmp_path: Path, monkeypatch) -> None:
+    """30-minute soak: a short write on a full disk tore an archive line; its tasks were lost."""
+    from agentctl_swarm import coordinator as coord
     monkeypatch.setattr(coord, "KEEP_FINISHED", 3)
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
-    try:
-        paths = SwarmPaths(small / ".agentctl")
-        paths.ensure()
-        sup = SimpleNamespace(paths=paths, config=load_config(None, env={}, home=tmp_path), slots={},
-                              stopping=False)
-        book = coord.Coordinator(sup)
+    with _small_disk(tmp_path) as (small, fill, free):
+        book, paths = _book(small, tmp_path)
 
         def finish(i: int) -> None:
             record = book.add(f"task {i} " + "p" * 1500, "any", f"full-{i}")
@@ -247,16 +277,12 @@ def test_the_task_archive_is_all_or_nothing_on_a_full_disk(tmp_path: Path, monke
 
         for i in range(6):
             finish(i)
-        filler = small / "filler"
-        with open(filler, "wb", buffering=0) as fh:  # the disk is now full to the last byte
-            try:
-                while True:
-                    fh.write(b"\0" * 512)
-            except OSError:
-                pass
+        fill()
         for i in range(6, 12):  # archive appends fail part-way; tasks.json cannot be saved
-            finish(i)
-        filler.unlink()
+            book._on_task(coord.verbs.Task(f"full-{i}", "any", "from the channel"), "@peer")
+            book._finish(book.tasks[f"full-{i}"], "done", "")
+            book.tasks[f"full-{i}"].tokens = 100
+        free()
         finish(12)  # space again: everything finished so far is archived
         archive = paths.state_file("tasks-archive").with_suffix(".jsonl")
         lines = archive.read_text().splitlines()
@@ -264,5 +290,29 @@ def test_the_task_archive_is_all_or_nothing_on_a_full_disk(tmp_path: Path, monke
         listed = [t["id"] for t in book.listing(include_archived=True)]
         assert sorted(listed) == sorted(f"full-{i}" for i in range(13))
         assert sum(t["tokens"] for t in book.listing(include_archived=True)) == 1300
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@NEEDS_ROOT
+def test_a_task_that_cannot_be_saved_is_refused_and_state_is_saved_when_space_returns(
+        tmp_path: Path) -> None:
+    """30-minute soak: tasks acknowledged on a full disk were lost to a kill -9 soon after;
+    the budget, saved only at the next session end, fell behind tasks.json."""
+    from agentctl_swarm.coordinator import TaskError
+    with _small_disk(tmp_path) as (small, fill, free):
+        book, paths = _book(small, tmp_path)
+        record = book.add("before", "any", "d-1")
+        fill()
+        with pytest.raises(TaskError, match="not added: state cannot be saved"):
+            book.add("while full", "any", "d-2")
+        assert "d-2" not in book.tasks  # nothing acknowledged, nothing half-there
+        book.budget.add(500, 0.5)  # a session ended while the disk was full
+        record.tokens = 500
+        book._finish(record, "done", "")
+        assert book.unsaved and book.budget.dirty
+        free()
+        book.save_pending()  # what the supervisor's loop does on every turn
+        assert not book.unsaved and not book.budget.dirty
+        saved = json.loads(paths.state_file("tasks").read_text())["tasks"]
+        assert [(t["id"], t["state"], t["tokens"]) for t in saved] == [("d-1", "done", 500)]
+        assert json.loads(paths.state_file("budget").read_text())["used"] == 500
+        assert book.add("after", "any", "d-2").id == "d-2"

@@ -63,6 +63,7 @@ HB_MISSES = 3
 MAX_TASK_S = 12.0
 SAMPLE_S = 0.5
 CONFIRM_S = 1.5
+STUCK_CONFIRM_S = 15.0
 TMPFS_SIZE = "256m"
 SUCCESS_MODES = ("success", "slow", "text", "tokens", "orphan")
 
@@ -887,6 +888,12 @@ class Soak:
 
     def final_state(self) -> dict[str, Any]:
         assert self.swarm is not None
+        # With a backlog the drain never empties the queue, so the swarm is still busy
+        # here: an open task is stuck only if it is open in a snapshot STUCK_CONFIRM_S
+        # earlier too, unchanged (more than the coordinator's 10 s expiry of an announced
+        # or assigned task). The snapshots compared with each other are taken together.
+        tasks_earlier = self.swarm.tasks(include_archived=True)
+        time.sleep(STUCK_CONFIRM_S)
         tasks = self.swarm.tasks(include_archived=True)  # the real CLI; nothing may be lost
         live_only = self.swarm.tasks()
         status = self.swarm.status()
@@ -901,7 +908,8 @@ class Soak:
             budget_disk = json.loads(budget_file.read_text())
         except (OSError, ValueError):
             budget_disk = {}
-        return {"tasks": tasks, "tasks_live": live_only, "status": status, "tasks_disk": disk,
+        return {"tasks": tasks, "tasks_live": live_only, "tasks_earlier": tasks_earlier,
+                "status": status, "tasks_disk": disk,
                 "budget_disk": budget_disk,
                 "live_sessions": {t: self.recorder.live_for(t) for t in tasks}}
 
@@ -1008,12 +1016,18 @@ class Soak:
             states[t["state"]] = states.get(t["state"], 0) + 1
         unknown = sorted(set(tasks) - set(self.posted) - {p.id for p in self.posted.values()})
         stuck = []
+        earlier = self.final["tasks_earlier"]
         for t in tasks.values():
             live = len(self.final["live_sessions"].get(t["id"], []))
             if t["state"] == "running" and live == 1:
                 continue  # still working when the soak ended: not stuck (the stop requeues it)
             if t["state"] in ("announced", "assigned", "running"):
-                stuck.append(f"{t['id']} {t['state']} agent={t['agent']} live={live}")
+                before = earlier.get(t["id"], {})
+                if (before.get("state"), before.get("agent"), before.get("started")) != \
+                        (t["state"], t["agent"], t.get("started")):
+                    continue  # it just moved: a snapshot of a busy swarm, not a stuck task
+                stuck.append(f"{t['id']} {t['state']} agent={t['agent']} live={live}, "
+                             f"unchanged for {STUCK_CONFIRM_S:g} s")
         no_reason = [t["id"] for t in tasks.values() if t["state"] in ("failed", "blocked", "cancelled") and not t["reason"]]
         wrong = []
         for t in tasks.values():
