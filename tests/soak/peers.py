@@ -90,6 +90,7 @@ class Observer:
     def _on_event(self, event: str, detail: dict[str, Any]) -> None:
         if event == "connected":
             self.connected_since = time.time()
+            self.task_stream.append(("GAP", "", "", ""))  # lines may have passed unseen
         elif event in ("disconnected", "lost"):
             self.connected_since = None
 

@@ -1159,6 +1159,9 @@ class Soak:
         problems: list[str] = []
         statuses = 0
         for verb, task, agent, text in self.observer.task_stream:
+            if verb == "GAP":  # the observer reconnected: it may have missed a verdict
+                last.clear()
+                continue
             if verb != "STATUS":
                 last.pop((task, agent), None)
                 if verb == "DONE":
