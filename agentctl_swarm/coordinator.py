@@ -19,6 +19,7 @@ capacity frees up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -255,19 +256,19 @@ class Coordinator:
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             return self._archive_failed(exc)
+        end = None
         try:
             end = os.fstat(fd).st_size
             if end and os.pread(fd, 1, end - 1) != b"\n":
                 data = b"\n" + data
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError as exc:
-                os.ftruncate(fd, end)
-                return self._archive_failed(exc)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         except OSError as exc:
+            if end is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
             return self._archive_failed(exc)
         finally:
             os.close(fd)

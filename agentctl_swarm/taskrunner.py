@@ -62,12 +62,12 @@ class TaskRunner:
         from .daemon import Status
         d, spec = self.d, self.d.spec
         assert spec is not None
-        requested = d.boot.get("sandbox") or {}
-        if requested.get("kind") == "unavailable":
+        requested = d.boot.get("sandbox")
+        if requested and requested.get("kind") == "unavailable":
             return dataclasses.replace(sessions.spawn_failed(f"sandbox: {requested.get('error')}"),
                                        reason="sandbox-unavailable")
         from .isolation import resolve
-        sandbox = resolve(d.boot.get("sandbox"), spec.root, spec.tmp_dir)  # once per task
+        sandbox = resolve(requested, spec.root, spec.tmp_dir)  # once per task
         if not self.probe:
             workspace.write_context(spec, ContextState("active", self.task_id, self.started),
                                     f"## Current task {self.task_id}\n\nStarted {self.started}.\n\n"

@@ -87,6 +87,7 @@ class WebSocket(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._parts: list[bytes] | None = None   # a fragmented message being assembled
         self._parts_size = 0
+        self._text_message = False  # the fragmented message began as a text frame
         self._timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._awaiting_pong = False
@@ -147,12 +148,12 @@ class WebSocket(asyncio.Protocol):
     @property
     def close_code(self) -> int | None:
         """The close code the peer sent (None if it sent no close frame)."""
-        rcvd = getattr(self.proto, "close_rcvd", None)
+        rcvd = self.proto.close_rcvd
         return rcvd.code if rcvd is not None else None
 
     @property
     def close_reason(self) -> str:
-        rcvd = getattr(self.proto, "close_rcvd", None)
+        rcvd = self.proto.close_rcvd
         return rcvd.reason if rcvd is not None else ""
 
     async def recv(self) -> str | bytes:
@@ -264,8 +265,6 @@ class WebSocket(asyncio.Protocol):
         elif opcode is PONG:
             self._awaiting_pong = False
 
-    _text_message = False
-
     def _collect(self, frame: Frame) -> bool:
         """Add a fragment; False until the message is complete (or after failing it)."""
         if self._parts is None:
@@ -273,7 +272,7 @@ class WebSocket(asyncio.Protocol):
             self._text_message = frame.opcode is TEXT
         self._parts.append(frame.data)
         self._parts_size += len(frame.data)
-        max_size = getattr(self.proto, "max_size", None)
+        max_size = getattr(self.proto, "max_size", None)  # 10.x; 17 limits whole messages itself
         if max_size is not None and self._parts_size > max_size:
             self._parts = None
             self.close(1009, "message too big")

@@ -7,8 +7,9 @@ differences, all to keep a 1000-daemon swarm cheap:
 
 * a valid channel is created by the first JOIN (the real server has a fixed
   preset list and says CHANNEL_NOT_FOUND for others);
-* a replay of the last HISTORY channel MSGs to each joiner (``replay: true``); no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only
-  with ``announce_presence=True`` (N joins would otherwise cost O(N²) frames);
+* a replay of the last HISTORY channel MSGs to each joiner (``replay: true``);
+  no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only with
+  ``announce_presence=True`` (N joins would otherwise cost O(N²) frames);
 * ``lurk=True`` makes *every* identity lurk for ``lurk_s`` (the real server
   lurks identities first seen less than an hour ago).
 
@@ -18,8 +19,8 @@ connection or per message.  A channel MSG is encoded as one WebSocket frame and
 the same bytes are written to N transports (no await; a peer more than
 ``_ws.MAX_WRITE_BUFFER`` behind is cut off).  Fan-out is batched per member and,
 while MSGs keep coming, flushed at most every ``CORK_S``; replies a peer waits
-for (CHALLENGE, WELCOME, JOINED, ERROR, PONG) leave at the end of the loop turn.  The JOINED member
-list is spliced from per-member JSON fragments made once at WELCOME.  Challenge
+for (CHALLENGE, WELCOME, JOINED, ERROR, PONG) leave at the end of the loop turn.
+The JOINED member list is spliced from per-member JSON fragments made once at WELCOME.  Challenge
 expiry uses one ``call_later`` timer per pending challenge, no polling.
 Compression is off (permessage-deflate costs ~100s of KB per connection) and
 server keepalive pings are off by default: on loopback a dead peer's socket is
