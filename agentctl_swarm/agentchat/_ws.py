@@ -312,6 +312,12 @@ class WebSocket(asyncio.Protocol):
             self._resume_timer = self._loop.call_later(self.read_gap, self._resume_reading)
         self._last_read = now
 
+    def read_at_once(self) -> None:
+        """Read what is waiting now, not at the end of the gap (an awaited reply is due)."""
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_reading()
+
     def _resume_reading(self) -> None:
         # Counted as a read: what waited is read now, in this same wake-up, and if the
         # stream goes on, the next read pauses again, so a stream costs one wake-up per gap.

@@ -5,7 +5,7 @@ its whole life — ``run()`` (connect, handshake, then wait for the end) and one
 sender — plus timers.  Once joined, frames go from the socket's
 ``data_received`` straight to ``_on_frame`` (see ``_ws``): nothing is created per
 message and an idle client is asleep on its socket.  ``read_gap`` batches reads
-under a stream of frames.  Keepalive pings default to one a minute; the daemons
+under a stream of frames, except while queued MSGs wait on an echo.  Keepalive pings default to one a minute; the daemons
 turn them off, since the echo of every heartbeat proves the link anyway.
 
 Delivery: outgoing MSGs wait in one bounded FIFO.  The sender transmits one at a
@@ -404,6 +404,10 @@ class AgentChatClient:
         self._inflight = item
         self._ack_timer = asyncio.get_running_loop().call_later(
             self._ack_timeout, self._ack_timed_out, item)
+        # A backlog waits on this echo: read without the gap until the queue is empty.
+        self._ws.read_gap = 0.0 if self._queue else self._read_gap
+        if self._queue:
+            self._ws.read_at_once()
         try:
             self._ws.send(p.encode({"type": p.MSG, "to": item[0], "content": item[1]}))
         except _ws.ConnectionClosed:

@@ -128,6 +128,32 @@ async def test_paced_sending_under_rate_limit_one_delivers_all_in_order() -> Non
 
 
 @arun()
+async def test_a_backlog_is_not_slowed_by_the_read_gap() -> None:
+    """Daemons read with a 0.25 s gap; each MSG waits for the echo of the one before,
+    so a gap on every echo would hold a DONE behind its STATUS lines (a CI failure)."""
+    relay = Relay(rate_limit=0)
+    await relay.start()
+    ps, pr = Probe(), Probe()
+    sender = make_client(relay.url, "sender", ps, send_interval=0.0, read_gap=1.0, keepalive=None)
+    reader = make_client(relay.url, "reader", pr)
+    tasks = await running(sender, reader)
+    await asyncio.sleep(1.1)  # the handshake's reads are well in the past
+    start = time.monotonic()
+    for i in range(6):
+        sender.send("#agents", f"m{i}")
+    await pr.until(lambda: len(pr.messages) == 6)
+    while sender.queued or sender._inflight is not None:
+        await asyncio.sleep(0.01)
+    elapsed = time.monotonic() - start
+    assert pr.contents() == [f"m{i}" for i in range(6)]
+    assert elapsed < 0.9, f"six MSGs took {elapsed:.2f}s: the sender waited out its read gap"
+    # and the gap is back for what follows: two frames close together pause the reader
+    assert sender._ws.read_gap == 1.0
+    await shutdown([sender, reader], tasks)
+    await relay.stop()
+
+
+@arun()
 async def test_rate_limited_msgs_are_resent_never_lost_or_reordered() -> None:
     relay = Relay(rate_limit=5.0)  # 200 ms between MSGs
     await relay.start()

@@ -266,7 +266,10 @@ def test_swarm_speaks_only_on_its_channels(swarm: Swarm, loop: Loop) -> None:
     try:
         swarm.add_task("talk [fake:slow:1:3]", "chatty")
         swarm.wait_tasks(["chatty"], timeout=TIMEOUT)
-        time.sleep(0.5)
+        # The supervisor hears of the end over IPC; the DONE line follows on the channel.
+        swarm.wait_for(lambda: any(c.startswith("DONE chatty") for c in work.contents()),
+                       timeout=10, what="DONE chatty on #agents")
+        time.sleep(0.5)  # time for anything that would (wrongly) go to #other
     finally:
         other.close()
         work.close()
