@@ -233,7 +233,8 @@ class Supervisor:
             return
         port = self._relay_port()
         argv = [sys.executable, "-m", "agentctl_swarm.agentchat.relay", "--host", "127.0.0.1",
-                "--port", str(port), "--rate-limit", str(self.config.agentchat_rate_limit)]
+                "--port", str(port), "--rate-limit", str(self.config.agentchat_rate_limit),
+                "--history-file", str(self.paths.state_dir / "relay-history.jsonl")]
         plan = LaunchPlan(name="relay", supervisor_pid=self.pid)
         self.relay_pid = fork_exec(plan, argv)
         self.relay_url = f"ws://127.0.0.1:{port}"

@@ -7,7 +7,9 @@ differences, all to keep a 1000-daemon swarm cheap:
 
 * a valid channel is created by the first JOIN (the real server has a fixed
   preset list and says CHANNEL_NOT_FOUND for others);
-* a replay of the last HISTORY channel MSGs to each joiner (``replay: true``);
+* a replay of the last HISTORY channel MSGs to each joiner (``replay: true``),
+  kept in ``history_file`` when one is given, so it outlives the relay process
+  (the supervisor's relay dies with it; its successor replays what was said);
   no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only with
   ``announce_presence=True`` (N joins would otherwise cost O(N²) frames);
 * ``lurk=True`` makes *every* identity lurk for ``lurk_s`` (the real server
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import collections.abc
 import contextlib
 import base64
 import binascii
@@ -92,13 +95,113 @@ class _Conn:
         self.member_frag = ""
 
 
+class ChannelHistory:
+    """The last ``size`` MSGs of each channel, as replay frames, optionally kept in a file.
+
+    The file is a JSON-lines log: a line is appended (one ``write``, ``O_APPEND``)
+    *before* the MSG is fanned out, so whatever a member saw survives the relay being
+    killed (the page cache outlives the process; a power cut is not covered: no fsync).
+    Loading keeps the last ``size`` per channel and skips a torn or foreign line; the
+    log is rewritten (temp file, rename) when it holds four times what is kept.  A
+    write that fails (a full disk) is logged once and retried as a rewrite at most
+    once a second; the in-memory history, and the relay, carry on regardless.
+    """
+
+    def __init__(self, path: Path | None = None, size: int = HISTORY) -> None:
+        self.path, self.size = path, size
+        self._texts: dict[str, collections.deque[str]] = {}
+        self._frames: dict[str, collections.deque[bytes]] = {}
+        self._fd: int | None = None
+        self._lines = 0
+        self._failed_at: float | None = None
+        if path is not None:
+            self._load(path)
+            self._rewrite()
+
+    def frames(self, channel: str) -> collections.abc.Iterable[bytes]:
+        return self._frames.get(channel, ())
+
+    def add(self, channel: str, text: str) -> None:
+        """Keep ``text`` (a MSG frame's JSON, replay flag included) for ``channel``."""
+        self._keep(channel, text)
+        if self.path is None:
+            return
+        self._lines += 1
+        if self._failed_at is not None or self._lines > 4 * self.size * max(1, len(self._texts)):
+            if self._failed_at is None or time.monotonic() - self._failed_at >= 1.0:
+                self._rewrite()
+            return
+        try:
+            os.write(self._fd, (text + "\n").encode())  # type: ignore[arg-type]
+        except OSError as exc:
+            self._failed(exc)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _keep(self, channel: str, text: str) -> None:
+        if channel not in self._texts:
+            self._texts[channel] = collections.deque(maxlen=self.size)
+            self._frames[channel] = collections.deque(maxlen=self.size)
+        self._texts[channel].append(text)
+        self._frames[channel].append(_ws.text_frame(text))
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("channel history %s not read: %s", path, exc)
+            return
+        for raw in data.splitlines():
+            try:
+                frame = json.loads(raw)
+                channel = frame["to"]
+            except (ValueError, TypeError, KeyError):
+                continue  # a line torn by a full disk or a kill mid-write
+            if isinstance(channel, str) and channel.startswith("#") and frame.get("type") == p.MSG:
+                self._keep(channel, raw.decode())
+
+    def _rewrite(self) -> None:
+        assert self.path is not None
+        self.close()
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        body = "".join(t + "\n" for texts in self._texts.values() for t in texts).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if os.write(fd, body) != len(body):
+                    raise OSError(f"short write to {tmp}")
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._failed(exc)
+            return
+        self._lines = sum(len(t) for t in self._texts.values())
+        if self._failed_at is not None:
+            log.info("channel history %s written again", self.path)
+        self._failed_at = None
+
+    def _failed(self, exc: OSError) -> None:
+        if self._failed_at is None:
+            log.warning("channel history %s not written (%s); kept in memory, retrying", self.path, exc)
+        self._failed_at = time.monotonic()
+
+
 class Relay:
     """A loopback agentchat relay; ``await start()`` returns the bound port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, rate_limit: float = 1.0,
                  challenge_ttl_s: float = 60.0, lurk: bool = False, lurk_s: float = 3600.0,
                  announce_presence: bool = False, ping_interval: float | None = None,
-                 server_name: str = "agentctl-relay") -> None:
+                 server_name: str = "agentctl-relay", history_file: Path | None = None) -> None:
         self.host, self.port = host, port
         self._interval = 1.0 / rate_limit if rate_limit > 0 else 0.0
         self._ttl = challenge_ttl_s
@@ -113,7 +216,7 @@ class Relay:
         self._channels: dict[str, dict[Any, _Conn]] = {}
         # The last channel MSGs, replayed to a joiner flagged "replay": true as the real
         # server does, so a line sent just before someone (re)joins is not lost to them.
-        self._history: dict[str, collections.deque[bytes]] = {}  # encoded frames
+        self._history = ChannelHistory(history_file)
         self._msg_ids = itertools.count(1)
         self._counts = {"handshakes": 0, "msgs_relayed": 0, "frames_fanned_out": 0,
                         "errors_sent": 0}
@@ -145,6 +248,7 @@ class Relay:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_ws.CLOSE_TIMEOUT + 1):
                 await asyncio.gather(*(conn.ws.wait_closed() for conn in conns))
+        self._history.close()
 
     @property
     def url(self) -> str:
@@ -335,7 +439,7 @@ class Relay:
         frags = ",".join(m.member_frag for m in members.values())
         text = (f'{{"type":"{p.JOINED}","ts":{_now_ms()},"channel":{json.dumps(name)},'
                 f'"agents":[{frags}]}}')
-        for frame in (_ws.text_frame(text), *self._history.get(name, ())):
+        for frame in (_ws.text_frame(text), *self._history.frames(name)):
             conn.ws.send_frame(frame, urgent=True)
 
     def _on_leave(self, conn: _Conn, msg: dict) -> None:
@@ -370,12 +474,11 @@ class Relay:
         text = p.encode({"type": p.MSG, "ts": _now_ms(), "from": conn.agent_id,
                          "from_name": conn.name, "to": to, "content": msg["content"],
                          "msg_id": f"{_now_ms()}-{next(self._msg_ids):x}", "verified": False})
+        if to.startswith("#"):  # kept before anyone can see it
+            self._history.add(to, text[:-1] + ',"replay":true}')
         frame = _ws.text_frame(text)
         for ws in targets:
             ws.send_frame(frame)
-        if to.startswith("#"):
-            history = self._history.setdefault(to, collections.deque(maxlen=HISTORY))
-            history.append(_ws.text_frame(text[:-1] + ',"replay":true}'))
         self._counts["msgs_relayed"] += 1
         self._counts["frames_fanned_out"] += len(targets)
 
@@ -466,11 +569,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MSGs per second per connection (0 = unlimited)")
     parser.add_argument("--lurk", action="store_true", help="refuse MSGs from new identities")
     parser.add_argument("--port-file", type=Path, help="write the bound port here")
+    parser.add_argument("--history-file", type=Path,
+                        help="keep the channel history replayed to joiners in this file")
     return parser.parse_args(argv)
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    relay = Relay(args.host, args.port, rate_limit=args.rate_limit, lurk=args.lurk)
+    relay = Relay(args.host, args.port, rate_limit=args.rate_limit, lurk=args.lurk,
+                  history_file=args.history_file)
     await relay.start()
     log.info("relay listening on %s", relay.url)
     if args.port_file is not None:
