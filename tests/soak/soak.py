@@ -553,6 +553,13 @@ class Soak:
     def expect(self, what: str, within: float, check: Callable[[dict[str, Any]], bool]) -> None:
         self.expectations.append(Expectation(what, time.time() + within, check))
 
+    def extend_pending(self, began: float) -> None:
+        """Nothing can recover while the swarm is down (or unobservable): a recovery
+        pending across such a spell gets its length added to its deadline."""
+        for exp in self.expectations:
+            if exp.met_at is None and exp.deadline > began:
+                exp.deadline += time.time() - began
+
     def agents(self) -> list[dict[str, Any]]:
         snap = self.status()
         return snap["agents"] if snap else []
@@ -611,6 +618,7 @@ class Soak:
         assert sup is not None and self.swarm is not None and self.swarm.proc is not None
         snap = self.status() or {"agents": []}
         self.down.set()
+        began = time.time()
         os.kill(sup, signal.SIGKILL)
         self.swarm.proc.wait(10)
         self.note("kill-supervisor", f"pid {sup} with {len(snap['agents'])} agents")
@@ -619,6 +627,8 @@ class Soak:
                 if not (self.relay_proc and p == self.relay_proc.pid)]
         self.start_swarm()
         self.down.clear()
+        # e.g. a fork-server restart pending when the supervisor died comes with the next one
+        self.extend_pending(began)
         time.sleep(2.0)
         survivors = [p for p in left if alive(p) and sup not in _ancestors(p)
                      and self.sup_pid() not in _ancestors(p) and p != self.sup_pid()]
@@ -657,9 +667,7 @@ class Soak:
             self._relay_outage(length)
         finally:
             # Recoveries are seen at the relay: one pending across the outage gets its length.
-            for exp in self.expectations:
-                if exp.met_at is None and exp.deadline > began:
-                    exp.deadline += time.time() - began
+            self.extend_pending(began)
         self.expect("every agent reconnected after the relay outage", 45,
                     lambda s: all(a["connected"] for a in s["agents"] if a["pid"] and a["status"] != "stopping"))
 
