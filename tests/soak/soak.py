@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -388,6 +389,12 @@ class Soak:
                                            start_new_session=True)
         log_file.close()
 
+    def hup(self) -> None:
+        """SIGHUP the supervisor (faults run one at a time, so it is up)."""
+        pid = self.sup_pid()
+        if pid is None or not send_signal(pid, signal.SIGHUP):
+            raise RuntimeError("the supervisor is not running to be sent SIGHUP")
+
     def sup_pid(self) -> int | None:
         return self.swarm.proc.pid if self.swarm and self.swarm.proc and self.swarm.proc.poll() is None else None
 
@@ -578,7 +585,8 @@ class Soak:
         a = self.pick_agent()
         if a is None:
             return self.note("kill-daemon", "no candidate")
-        os.kill(a["pid"], signal.SIGKILL)
+        if not send_signal(a["pid"], signal.SIGKILL):
+            return self.note("kill-daemon", f"no candidate ({a['name']} pid {a['pid']} exited first)")
         self.note("kill-daemon", f"{a['name']} pid {a['pid']} ({a['status']}, task {a.get('task')})")
         delay = min(2 ** a["restarts"], 300)
         self.expect(f"{a['name']} replaced after kill -9", delay + 10, self.replaced(a["name"], a["pid"]))
@@ -589,7 +597,8 @@ class Soak:
             sessions = [(a, c) for a in active for c in children_of(a["pid"]) if "soak_agent.py" in cmdline(c)]
             if sessions:
                 a, pid = self.rng.choice(sessions)
-                os.kill(pid, signal.SIGKILL)
+                if not send_signal(pid, signal.SIGKILL):
+                    continue  # it ended by itself meanwhile
                 return self.note("kill-session", f"session {pid} of {a['name']} (task {a.get('task')})")
             time.sleep(0.25)
         self.note("kill-session", "no active session found in 5 s")
@@ -599,7 +608,8 @@ class Soak:
         pid = snap["supervisor"].get("forkserver_pid") if snap else None
         if not pid:
             return self.note("kill-forkserver", "no fork-server running")
-        os.kill(pid, signal.SIGKILL)
+        if not send_signal(pid, signal.SIGKILL):
+            return self.note("kill-forkserver", f"no candidate (pid {pid} exited first)")
         # The issue: the fork-server restarts "with the same backoff rules" as a daemon, so
         # the deadline is that policy's delay (1, 2, 4 ... s) and, past its limit, the
         # supervisor rightly gives up and execs daemons: then nothing is expected here.
@@ -646,13 +656,11 @@ class Soak:
             return self.note("sigstop-daemon", "no candidate")
         length = (HB_MISSES + 1.5) * HB_INTERVAL + self.rng.uniform(0, HB_INTERVAL)
         t_stop = time.time()
-        os.kill(a["pid"], signal.SIGSTOP)
+        if not send_signal(a["pid"], signal.SIGSTOP):
+            return self.note("sigstop-daemon", f"no candidate ({a['name']} pid {a['pid']} exited first)")
         self.note("sigstop-daemon", f"{a['name']} pid {a['pid']} for {length:.1f}s")
         time.sleep(length)
-        try:
-            os.kill(a["pid"], signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        send_signal(a["pid"], signal.SIGCONT)
         self.sigstop_notes.append(json.dumps({"name": a["name"], "pid": a["pid"], "t_stop": t_stop,
                                               "t_cont": time.time(), "restarts": a["restarts"]}))
         delay = min(2 ** a["restarts"], 300)
@@ -683,12 +691,14 @@ class Soak:
             if not pid:
                 return self.note("relay-outage", "no embedded relay pid")
             if self.rng.random() < 0.5:
-                os.kill(pid, signal.SIGSTOP)
+                if not send_signal(pid, signal.SIGSTOP):
+                    return self.note("relay-outage", f"no candidate (relay {pid} exited first)")
                 self.note("relay-outage", f"embedded relay {pid} SIGSTOPped for {length:.0f}s")
                 time.sleep(length)
-                os.kill(pid, signal.SIGCONT)
+                send_signal(pid, signal.SIGCONT)
             else:
-                os.kill(pid, signal.SIGKILL)
+                if not send_signal(pid, signal.SIGKILL):
+                    return self.note("relay-outage", f"no candidate (relay {pid} exited first)")
                 self.note("relay-outage", f"embedded relay {pid} killed; the supervisor restarts it")
                 time.sleep(length)
 
@@ -703,7 +713,7 @@ class Soak:
             good["token-budget"] = 10 ** 15 + self.rng.randint(1, 10 ** 6)
             self.config = good
             _write_atomic(path, good)
-            os.kill(self.sup_pid() or 0, signal.SIGHUP)
+            self.hup()
             want = self.max_active
             self.note("sighup-valid", f"max-active -> {want}")
             self.expect(f"reload applied max-active {want}", 5, lambda s: s["supervisor"]["max_active"] == want)
@@ -713,7 +723,7 @@ class Soak:
                 path.write_text("max-active: [this is not a number\n  heartbeat-interval: -3\n")
             else:
                 os.rename(path, hidden)
-            os.kill(self.sup_pid() or 0, signal.SIGHUP)
+            self.hup()
             self.note(f"sighup-{kind}", "invalid YAML" if kind == "broken"
                       else "config file removed while the supervisor reads it")
             time.sleep(1.0)
@@ -728,7 +738,7 @@ class Soak:
             else:
                 os.rename(hidden, path)
                 time.sleep(0.3)
-                os.kill(self.sup_pid() or 0, signal.SIGHUP)  # back to the intended config, as an operator would
+                self.hup()  # back to the intended config, as an operator would
 
     def fault_scale(self, direction: str) -> None:
         assert self.swarm is not None
@@ -1347,6 +1357,15 @@ def print_table(checks: list[Check]) -> None:
     print("=" * 100)
 
 
+def send_signal(pid: int, sig: int) -> bool:
+    """Signal ``pid``; False if it is gone (a status snapshot is a moment old)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=3.0)
@@ -1363,6 +1382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return Soak(args).run()
     except (SwarmError, RuntimeError, OSError) as exc:
+        traceback.print_exc()
         print(f"soak aborted: {exc}", file=sys.stderr)
         return 2
 
