@@ -45,6 +45,7 @@ EXIT_SETUP_FAILED = 76  # cgroup, sandbox or descriptor setup failed in the chil
 FORKSERVER_TIMEOUT = 5.0
 FORKSERVER_IN_FLIGHT = 16  # requests on the socket at once: a burst never fills its buffer
 BOOTS_PER_CPU = 4       # daemons between fork and "ready" at once, per CPU
+FORKSERVER_READY_TIMEOUT = 30.0  # from exec to "preloaded"; normally ~0.3 s
 BOOT_GATE_TIMEOUT = 3.0  # a daemon slower than this to boot (a git clone) stops holding a place
 
 
@@ -166,20 +167,29 @@ class ForkServerClient:
         return self._sock is not None and self._ready is not None and self._ready.done() \
             and not self._ready.exception()
 
-    async def start(self, plan: LaunchPlan) -> int:
-        """Exec the fork-server and wait until it has preloaded everything."""
+    def launch(self, plan: LaunchPlan) -> int:
+        """Exec the fork-server; its PID at once (``wait_ready`` for the preload)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        plan.keep_fds = (theirs.fileno(),)
-        argv = [sys.executable, "-m", "agentctl_swarm.forkserver", "--fd", str(theirs.fileno())]
-        self.pid = fork_exec(plan, argv)
-        theirs.close()
+        try:
+            ours.setblocking(False)
+            plan.keep_fds = (theirs.fileno(),)
+            argv = [sys.executable, "-m", "agentctl_swarm.forkserver", "--fd", str(theirs.fileno())]
+            self.pid = fork_exec(plan, argv)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self._sock = ours
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._on_readable)
-        await asyncio.wait_for(asyncio.shield(self._ready), timeout=30)
         return self.pid
+
+    async def wait_ready(self, timeout: float = FORKSERVER_READY_TIMEOUT) -> None:
+        """Until it has preloaded; SpawnError if it died first, TimeoutError if too slow."""
+        assert self._ready is not None
+        await asyncio.wait_for(asyncio.shield(self._ready), timeout)
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -300,11 +310,10 @@ class Spawner:
         self.forkserver = ForkServerClient(supervisor_pid) if mode == "fork-server" else None
         self.gate = BootGate(BOOTS_PER_CPU * (os.cpu_count() or 1))
 
-    async def start_forkserver(self, cgroup: dict[str, Any] | None = None) -> int | None:
-        if self.forkserver is None:
-            return None
+    def launch_forkserver(self, cgroup: dict[str, Any] | None = None) -> int:
+        assert self.forkserver is not None
         plan = LaunchPlan(name="fork-server", supervisor_pid=self.supervisor_pid, cgroup=cgroup)
-        return await self.forkserver.start(plan)
+        return self.forkserver.launch(plan)
 
     async def spawn_daemon(self, plan: LaunchPlan) -> tuple[int, socket.socket, str]:
         """Start one daemon. Returns (pid, the supervisor's IPC socket, the path used)."""

@@ -269,29 +269,46 @@ class Supervisor:
 
     # ------------------------------------------------------- the fork-server
     async def start_forkserver(self) -> None:
-        if self.spawner.forkserver is None:
+        """Start the fork-server. Every way it can fail (exec, death before or after its
+        preload, a preload that never ends) goes through the restart policy; daemons
+        are exec'd meanwhile, so no start waits on it."""
+        fs = self.spawner.forkserver
+        if fs is None or self.stopping:
             return
         try:
-            pid = await self.spawner.start_forkserver()
-        except (SpawnError, asyncio.TimeoutError, OSError) as exc:
-            log.error("fork-server failed to start (%s); daemons will be exec'd", exc,
-                      extra=log_fields(event="forkserver"))
+            pid = self.spawner.launch_forkserver()
+        except (SpawnError, OSError) as exc:
+            self._forkserver_down(f"could not be started: {exc}")
             return
-        assert pid is not None and self.reaper is not None
+        assert self.reaper is not None
         self.reaper.watch(pid, self._on_forkserver_exit)
         self.forkserver_restarts.on_start(time.monotonic())
+        try:
+            await fs.wait_ready()
+        except (SpawnError, asyncio.TimeoutError) as exc:
+            if fs.pid == pid:  # alive but useless, or dead and not yet reaped: its exit decides
+                log.error("fork-server %d not ready (%s); killing it", pid, exc or "timed out",
+                          extra=log_fields(event="forkserver"))
+                _kill(pid, signal.SIGKILL)
 
     def _on_forkserver_exit(self, pid: int, info: proc.ExitInfo) -> None:
-        self.spawner.forkserver.close()  # type: ignore[union-attr]
-        self.spawner.forkserver.pid = None  # type: ignore[union-attr]
+        fs = self.spawner.forkserver
+        assert fs is not None
+        if fs.pid != pid:
+            return
+        fs.close()
+        fs.pid = None
+        self._forkserver_down(f"exited ({info.reason})")
+
+    def _forkserver_down(self, why: str) -> None:
         if self.stopping:
             return
         decision = self.forkserver_restarts.on_exit(time.monotonic())
         if isinstance(decision, GiveUp):
-            log.error("fork-server keeps dying (%s); staying on exec", info.reason,
+            log.error("fork-server %s and keeps failing; daemons are exec'd from now on", why,
                       extra=log_fields(event="forkserver"))
             return
-        log.warning("fork-server exited (%s); restarting in %.0fs", info.reason, decision.delay,
+        log.warning("fork-server %s; restarting in %.0fs", why, decision.delay,
                     extra=log_fields(event="forkserver"))
         self._later(decision.delay, lambda: self._loop.create_task(self.start_forkserver()))  # type: ignore[union-attr]
 

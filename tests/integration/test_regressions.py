@@ -316,3 +316,48 @@ def test_a_task_that_cannot_be_saved_is_refused_and_state_is_saved_when_space_re
         assert [(t["id"], t["state"], t["tokens"]) for t in saved] == [("d-1", "done", 500)]
         assert json.loads(paths.state_file("budget").read_text())["used"] == 500
         assert book.add("after", "any", "d-2").id == "d-2"
+
+
+def _forkserver_children(sup_pid: int) -> list[int]:
+    """The supervisor's fork-server processes (preloading or ready), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == sup_pid and (b"agentctl_swarm.forkserver" in cmd or b"fork-server" in cmd):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_forkserver_killed_while_preloading_is_restarted_by_the_policy(tmp_path: Path) -> None:
+    """30-minute soak: the fork-server restarted after a kill -9 was killed again before its
+    preload ended; the supervisor called that "failed to start" and stayed on exec for good,
+    where the policy says: restart after 2 s."""
+    with Swarm(tmp_path / "home", base_config(count=1)) as swarm:
+        swarm.start()
+        sup = swarm.proc.pid  # type: ignore[union-attr]
+        first = swarm.status()["supervisor"]["forkserver_pid"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        second = None
+        while second is None and time.monotonic() < deadline:  # the restart, 1 s later
+            second = next((p for p in _forkserver_children(sup) if p != first), None)
+            time.sleep(0.005)
+        assert second is not None, "the fork-server was not restarted after 1 s"
+        os.kill(second, signal.SIGSTOP)  # caught while preloading: hold it there...
+        assert swarm.status()["supervisor"]["forkserver_ready"] is False, \
+            "too slow to catch the fork-server before its preload ended"
+        os.kill(second, signal.SIGKILL)  # ...and kill it before it is ready
+        swarm.wait_for(lambda: (s := swarm.status()["supervisor"])["forkserver_ready"]
+                       and s["forkserver_pid"] not in (first, second), 15, "a third fork-server, ready")
+        assert "restarting in 2s" in _log(swarm), "the early death did not go through the restart policy"
+        swarm.cli("swarm", "scale", "2")  # and daemons come from it again
+        swarm.wait_for(lambda: (a := swarm.agents().get("swarm-general-002")) and a["connected"], 20,
+                       "a second daemon")
+        assert swarm.agents()["swarm-general-002"]["spawned_via"] == "fork-server"
