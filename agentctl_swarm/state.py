@@ -43,25 +43,33 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(Path(path), data)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically; 0600; StateError on failure."""
-    write_bytes_atomic(Path(path), text.encode())
+    write_bytes_atomic(Path(path), text.encode(), durable)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
+def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory.
+
+    ``durable=False`` skips both fsyncs: still never a torn file, and safe against
+    any process dying, but a power cut may lose the write. For files that are
+    regenerated anyway (a workspace's CLAUDE.md, context.md): their fsyncs were
+    most of a daemon's boot time when a hundred boot at once.
+    """
     tmp, fd = _create_temp(path)
     try:
         try:
             _write_all(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
         _unlink_quietly(tmp)
         raise StateError(f"{path}: cannot write state: {exc.strerror or exc}") from exc
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _create_temp(path: Path) -> tuple[Path, int]:

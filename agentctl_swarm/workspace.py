@@ -90,16 +90,26 @@ def prepare(spec: WorkspaceSpec) -> Identity:
     """Create or reuse the workspace; return the agent's identity."""
     created = _make_dir(spec)
     if created:
-        write_text_atomic(spec.root / ".gitignore", "\n".join(SECURITY_IGNORES) + "\n")
+        write_text_atomic(spec.root / ".gitignore", "\n".join(SECURITY_IGNORES) + "\n", durable=False)
         if spec.repo:
             _clone(spec)
     for path in (spec.config_dir, spec.tmp_dir):
         path.mkdir(mode=0o700, exist_ok=True)
     identity = _identity(spec)
-    write_text_atomic(spec.root / "CLAUDE.md", claude_md(spec))
+    _refresh(spec.root / "CLAUDE.md", claude_md(spec))
     if not spec.context_path.exists():
         write_context(spec, ContextState(), "No task yet.")
     return identity
+
+
+def _refresh(path: Path, text: str) -> None:
+    """Rewrite a generated file only when its text changed (every restart reads it)."""
+    try:
+        if not path.is_symlink() and path.read_text(encoding="utf-8") == text:
+            return  # (a session may plant a symlink: that is always replaced)
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text_atomic(path, text, durable=False)
 
 
 def _make_dir(spec: WorkspaceSpec) -> bool:
@@ -113,7 +123,8 @@ def _make_dir(spec: WorkspaceSpec) -> bool:
         return False
     marker = {"created_by": "agentctl-swarm", "name": spec.name, "swarm": spec.swarm_id,
               "created": now_iso()}
-    write_text_atomic(spec.root / MARKER, json.dumps(marker) + "\n")
+    # Not fsync'd: a marker lost to a power cut makes the sweep leave the workspace alone.
+    write_text_atomic(spec.root / MARKER, json.dumps(marker) + "\n", durable=False)
     return True
 
 
@@ -190,7 +201,7 @@ def write_context(spec: WorkspaceSpec, state: ContextState, body: str) -> None:
             **state.extra}
     text = (f"# Context for {spec.name}\n\n"
             f"<!-- agentctl-swarm-state: {json.dumps(meta)} -->\n\n{body.rstrip()}\n")
-    write_text_atomic(spec.context_path, text)
+    write_text_atomic(spec.context_path, text, durable=False)  # a daemon crash, not a power cut
 
 
 def read_context(spec: WorkspaceSpec) -> ContextState:
