@@ -101,6 +101,7 @@ class Daemon:
         self._stopped: asyncio.Future[int] | None = None
         self._hb: asyncio.TimerHandle | None = None
         self.confinement = "none"
+        self._boot_marks: list[float] = []
 
     # --- lifecycle -------------------------------------------------------
     async def run(self) -> int:
@@ -109,12 +110,14 @@ class Daemon:
         self._stopped = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        marks = [time.monotonic()]  # boot phases, reported with the first "ready"
         self.channel = await ipc.open_channel(self.sock, self._on_ipc, self._on_ipc_closed)
         self.send_ipc({"t": "hello", "pid": os.getpid(), "name": ""})
         try:
             self.boot = await self._booted
         except ConnectionError:
             return EXIT_OK  # an orphaned start (e.g. a late fork-server answer): nothing to do
+        marks.append(time.monotonic())
         root = logging.getLogger()
         for handler in list(root.handlers):  # from here on the supervisor writes our logs
             root.removeHandler(handler)
@@ -130,7 +133,10 @@ class Daemon:
             self.send_ipc({"t": "fatal", "reason": f"boot failed: {exc}"[:2000]})
             await asyncio.sleep(0.05)
             return EXIT_BOOT_FAILED
+        marks.append(time.monotonic())
         self.confinement = self._confine()
+        marks.append(time.monotonic())
+        self._boot_marks = marks
         self._start_link(identity)
         self._report_interrupted()
         self._set_status(Status.IDLE)
@@ -290,8 +296,14 @@ class Daemon:
 
     def _on_link_event(self, event: str, detail: dict[str, Any]) -> None:
         if event == "connected":
-            self.send_ipc({"t": "ready", "agent_id": str(detail.get("agent_id", "")),
-                           "lurk": bool(detail.get("lurk", False)), "confined": self.confinement})
+            ready = {"t": "ready", "agent_id": str(detail.get("agent_id", "")),
+                     "lurk": bool(detail.get("lurk", False)), "confined": self.confinement}
+            if self._boot_marks:  # the first connect ends the boot: say where its time went
+                m = self._boot_marks + [time.monotonic()]
+                ready["boot_ms"] = {phase: round((b - a) * 1000, 1) for phase, a, b in
+                                    zip(ipc.BOOT_PHASES, m, m[1:])}
+                self._boot_marks = []
+            self.send_ipc(ready)
             if detail.get("lurk"):
                 log.warning("agentchat says this identity is lurking (lurk_until %s)",
                             detail.get("lurk_until"), extra={"event": "lurk"})

@@ -27,7 +27,8 @@ _HEADER = struct.Struct(">I")
 _STR, _INT, _NUM, _BOOL, _DICT, _LIST = str, int, (int, float), bool, dict, list
 FROM_DAEMON: dict[str, dict[str, tuple[Any, bool]]] = {
     "hello": {"pid": (_INT, True), "name": (_STR, True)},
-    "ready": {"agent_id": (_STR, True), "lurk": (_BOOL, False), "confined": (_STR, False)},
+    "ready": {"agent_id": (_STR, True), "lurk": (_BOOL, False), "confined": (_STR, False),
+              "boot_ms": (_DICT, False)},
     "heartbeat": {"status": (_STR, True), "connected": (_BOOL, True), "queued": (_INT, False)},
     "link": {"event": (_STR, True), "detail": (_DICT, False)},
     "promote": {"task_id": (_STR, True)},
@@ -41,6 +42,9 @@ FROM_DAEMON: dict[str, dict[str, tuple[Any, bool]]] = {
     "fatal": {"reason": (_STR, True)},
 }
 _MAX_STRING = 16 * 1024
+# Where a boot's time goes, as "ready" reports it in ``boot_ms``: waiting for the boot
+# message, the workspace and identity, the sandbox, connecting (to WELCOME and JOINED).
+BOOT_PHASES = ("boot_msg", "prepare", "confine", "connect")
 
 
 class IpcError(Exception):

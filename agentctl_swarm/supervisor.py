@@ -72,6 +72,7 @@ class Slot:
     status: SlotStatus = SlotStatus.STARTING
     pid: int | None = None
     spawned_via: str = ""
+    spawn_began: float = 0.0  # monotonic, when its boot-gate place was granted
     channel: ipc.Channel | None = None
     started_at: float = 0.0
     idle_since: float = 0.0
@@ -385,6 +386,7 @@ class Supervisor:
         plan = LaunchPlan(name=slot.name, cgroup=joined)
         slot.status, slot.connected = SlotStatus.STARTING, False
         await self.spawner.gate.enter(slot.name)
+        slot.spawn_began = time.monotonic()
         if slot.retiring or self.stopping:
             self.spawner.gate.leave(slot.name)
             return
@@ -572,11 +574,26 @@ class Supervisor:
 
     def _ipc_ready(self, slot: Slot, msg: dict[str, Any]) -> None:
         self.spawner.gate.leave(slot.name)
+        if isinstance(msg.get("boot_ms"), dict) and slot.spawn_began:
+            self._log_boot(slot, msg["boot_ms"])
         slot.agent_id, slot.lurk, slot.link_problem = msg["agent_id"][:64], msg.get("lurk", False), ""
         slot.confined = msg.get("confined", "none")[:32]
         if slot.lurk:
             log.warning("%s is in its lurk period on %s", slot.name, self.relay_url,
                         extra=slot.fields(event="lurk"))
+
+    def _log_boot(self, slot: Slot, phases: dict[str, Any]) -> None:
+        """One line per start: where its time went (slow starts are diagnosed from these)."""
+        now = time.monotonic()
+        total = (now - slot.spawn_began) * 1000
+        parts = {"spawn": (slot.started_at - slot.spawn_began) * 1000}
+        parts.update((k, float(v)) for k, v in phases.items()
+                     if k in ipc.BOOT_PHASES and isinstance(v, (int, float)))
+        parts["other"] = max(0.0, total - sum(parts.values()))  # fork to daemon code, IPC
+        slot.spawn_began = 0.0
+        log.info("%s ready in %.0f ms (%s)", slot.name, total,
+                 ", ".join(f"{k} {v:.0f}" for k, v in parts.items()),
+                 extra=slot.fields(event="boot", boot_ms=round(total, 1)))
 
     def _ipc_heartbeat(self, slot: Slot, msg: dict[str, Any]) -> None:
         self.health.beat(slot.name, time.monotonic())

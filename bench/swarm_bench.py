@@ -316,6 +316,24 @@ class Run:
         return {f"boot_cpu_{k}_s": sum(cpu_ticks(p) for p in v) / CLK_TCK
                 for k, v in self.cpu_groups().items()}
 
+    def boot_phases(self, n: int) -> dict[str, float]:
+        """Median ms of each boot phase over the first ``n`` starts, from the supervisor's
+        "<agent> ready in T ms (spawn a, boot_msg b, ...)" lines."""
+        assert self.swarm is not None
+        log = self.swarm.home / ".agentctl" / "logs" / "supervisor.log"
+        phases: dict[str, list[float]] = {}
+        try:
+            lines = [json.loads(line) for line in log.open() if '"event": "boot"' in line][:n]
+        except (OSError, ValueError):
+            return {}
+        for entry in lines:
+            total, _, rest = entry["msg"].split(" ready in ", 1)[1].partition(" ms (")
+            phases.setdefault("total", []).append(float(total))
+            for part in rest.rstrip(")").split(", "):
+                name, value = part.split()
+                phases.setdefault(name, []).append(float(value))
+        return {f"boot_ms_{k}": statistics.median(v) for k, v in phases.items()}
+
     def fallbacks(self) -> int:
         """Daemons the fork-server failed to start (the supervisor then exec'd them)."""
         assert self.swarm is not None
@@ -468,6 +486,7 @@ def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[s
     try:
         row["ready_s"] = run.start()
         row.update(run.boot_cpu())
+        row.update(run.boot_phases(n))
         time.sleep(2.0)  # let the boot transients (first status, health sample) pass
         row.update(run.memory())
         if n == 100 and rep == 0:
@@ -578,6 +597,11 @@ def table(rows: list[dict[str, Any]], opts: Options) -> str:
             ("boot_cpu_daemons_s", "CPU s to boot 100: all daemons", "", 1),
             ("boot_cpu_helpers_s", "CPU s to boot 100: fork-server", "", 1),
             ("boot_cpu_relay_s", "CPU s to boot 100: relay", "", 1),
+            ("boot_ms_total", "one daemon's boot under the load of 100, ms (gate to ready)", "", 1),
+            ("boot_ms_spawn", "  of which: spawn (fork-server answer, or fork+exec)", "", 1),
+            ("boot_ms_prepare", "  of which: workspace and identity", "", 1),
+            ("boot_ms_confine", "  of which: sandbox", "", 1),
+            ("boot_ms_connect", "  of which: connect, identify, join", "", 1),
             ("forkserver_fallbacks", "daemons exec'd because the fork-server failed", "0", 1),
             ("recovery_s", f"recovery beyond 1 s backoff, ms (median of {opts.kills})", "< 100", 1000),
             ("reload_s", "SIGHUP -> reloaded, ms (500 daemons)", "< 200", 1000),

@@ -48,6 +48,22 @@ def test_start_status_and_workspaces(swarm: Swarm) -> None:
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
 
+def test_each_start_logs_where_its_boot_time_went(swarm: Swarm) -> None:
+    swarm.start()
+    log = swarm.home / ".agentctl" / "logs" / "supervisor.log"
+    swarm.wait_for(lambda: log.read_text().count('"event": "boot"') >= 3, 10, "three boot lines")
+    lines = [json.loads(line) for line in log.read_text().splitlines() if '"event": "boot"' in line]
+    assert sorted(e["agent"] for e in lines) == ["swarm-general-001", "swarm-general-002", "swarm-general-003"]
+    for entry in lines:
+        name, rest = entry["msg"].split(" ready in ")
+        total, phases = rest.split(" ms (")
+        parts = dict((k, float(v)) for k, v in (p.split() for p in phases.rstrip(")").split(", ")))
+        assert list(parts) == ["spawn", "boot_msg", "prepare", "confine", "connect", "other"], entry["msg"]
+        assert all(v >= 0 for v in parts.values()) and parts["connect"] > 0
+        assert abs(sum(parts.values()) - float(total)) <= 2, entry["msg"]  # the phases add up
+        assert 0 < entry["boot_ms"] < 30_000
+
+
 def test_human_status_and_logs(swarm: Swarm) -> None:
     swarm.start()
     out = swarm.cli("swarm", "status").stdout
