@@ -574,7 +574,7 @@ class Supervisor:
 
     def _ipc_ready(self, slot: Slot, msg: dict[str, Any]) -> None:
         self.spawner.gate.leave(slot.name)
-        if isinstance(msg.get("boot_ms"), dict) and slot.spawn_began:
+        if "boot_ms" in msg and slot.spawn_began:  # ipc.check_from_daemon: a dict
             self._log_boot(slot, msg["boot_ms"])
         slot.agent_id, slot.lurk, slot.link_problem = msg["agent_id"][:64], msg.get("lurk", False), ""
         slot.confined = msg.get("confined", "none")[:32]
@@ -593,7 +593,8 @@ class Supervisor:
         slot.spawn_began = 0.0
         log.info("%s ready in %.0f ms (%s)", slot.name, total,
                  ", ".join(f"{k} {v:.0f}" for k, v in parts.items()),
-                 extra=slot.fields(event="boot", boot_ms=round(total, 1)))
+                 extra=slot.fields(event="boot", boot_ms=round(total, 1),
+                                   phases_ms={k: round(v, 1) for k, v in parts.items()}))
 
     def _ipc_heartbeat(self, slot: Slot, msg: dict[str, Any]) -> None:
         self.health.beat(slot.name, time.monotonic())

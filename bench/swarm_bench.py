@@ -318,7 +318,7 @@ class Run:
 
     def boot_phases(self, n: int) -> dict[str, float]:
         """Median ms of each boot phase over the first ``n`` starts, from the supervisor's
-        "<agent> ready in T ms (spawn a, boot_msg b, ...)" lines."""
+        "<agent> ready in T ms (...)" records (fields ``boot_ms`` and ``phases_ms``)."""
         assert self.swarm is not None
         log = self.swarm.home / ".agentctl" / "logs" / "supervisor.log"
         phases: dict[str, list[float]] = {}
@@ -327,10 +327,7 @@ class Run:
         except (OSError, ValueError):
             return {}
         for entry in lines:
-            total, _, rest = entry["msg"].split(" ready in ", 1)[1].partition(" ms (")
-            phases.setdefault("total", []).append(float(total))
-            for part in rest.rstrip(")").split(", "):
-                name, value = part.split()
+            for name, value in {"total": entry["boot_ms"], **entry["phases_ms"]}.items():
                 phases.setdefault(name, []).append(float(value))
         return {f"boot_ms_{k}": statistics.median(v) for k, v in phases.items()}
 

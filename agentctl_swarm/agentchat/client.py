@@ -5,8 +5,9 @@ its whole life — ``run()`` (connect, handshake, then wait for the end) and one
 sender — plus timers.  Once joined, frames go from the socket's
 ``data_received`` straight to ``_on_frame`` (see ``_ws``): nothing is created per
 message and an idle client is asleep on its socket.  ``read_gap`` batches reads
-under a stream of frames, except while queued MSGs wait on an echo.  Keepalive pings default to one a minute; the daemons
-turn them off, since the echo of every heartbeat proves the link anyway.
+under a stream of frames, except while queued MSGs wait on an echo.  Keepalive
+pings default to one a minute; the daemons turn them off, since the echo of
+every heartbeat proves the link anyway.
 
 Delivery: outgoing MSGs wait in one bounded FIFO.  The sender transmits one at a
 time and waits for its *echo*: the real server (and the relay) relays a channel

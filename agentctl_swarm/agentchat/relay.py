@@ -56,6 +56,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agentctl_swarm.agentchat import _ws
 from agentctl_swarm.agentchat import protocol as p
 from agentctl_swarm.agentchat.identity import agent_id_for
+from agentctl_swarm.errors import StateError
+from agentctl_swarm.state import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 HISTORY = 50  # channel MSGs replayed to a joiner
@@ -102,7 +104,7 @@ class ChannelHistory:
     *before* the MSG is fanned out, so whatever a member saw survives the relay being
     killed (the page cache outlives the process; a power cut is not covered: no fsync).
     Loading keeps the last ``size`` per channel and skips a torn or foreign line; the
-    log is rewritten (temp file, rename) when it holds four times what is kept.  A
+    log is rewritten (``write_bytes_atomic``) when it holds four times what is kept.  A
     write that fails (a full disk) is logged once and retried as a rewrite at most
     once a second; the in-memory history, and the relay, carry on regardless.
     """
@@ -168,20 +170,11 @@ class ChannelHistory:
     def _rewrite(self) -> None:
         assert self.path is not None
         self.close()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         body = "".join(t + "\n" for texts in self._texts.values() for t in texts).encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                if os.write(fd, body) != len(body):
-                    raise OSError(f"short write to {tmp}")
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            write_bytes_atomic(self.path, body, durable=False)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        except (StateError, OSError) as exc:
             self._failed(exc)
             return
         self._lines = sum(len(t) for t in self._texts.values())
@@ -189,7 +182,7 @@ class ChannelHistory:
             log.info("channel history %s written again", self.path)
         self._failed_at = None
 
-    def _failed(self, exc: OSError) -> None:
+    def _failed(self, exc: Exception) -> None:
         if self._failed_at is None:
             log.warning("channel history %s not written (%s); kept in memory, retrying", self.path, exc)
         self._failed_at = time.monotonic()

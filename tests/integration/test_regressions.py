@@ -320,19 +320,9 @@ def test_a_task_that_cannot_be_saved_is_refused_and_state_is_saved_when_space_re
 
 def _forkserver_children(sup_pid: int) -> list[int]:
     """The supervisor's fork-server processes (preloading or ready), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == sup_pid and (b"agentctl_swarm.forkserver" in cmd or b"fork-server" in cmd):
-            found.append(int(entry.name))
-    return found
+    from tests.soak.soak import children_of, cmdline
+    return [p for p in children_of(sup_pid)
+            if "agentctl_swarm.forkserver" in cmdline(p) or "fork-server" in cmdline(p)]
 
 
 def test_a_forkserver_killed_while_preloading_is_restarted_by_the_policy(tmp_path: Path) -> None:
