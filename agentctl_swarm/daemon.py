@@ -110,14 +110,13 @@ class Daemon:
         self._stopped = loop.create_future()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
-        marks = [time.monotonic()]  # boot phases, reported with the first "ready"
         self.channel = await ipc.open_channel(self.sock, self._on_ipc, self._on_ipc_closed)
         self.send_ipc({"t": "hello", "pid": os.getpid(), "name": ""})
         try:
             self.boot = await self._booted
         except ConnectionError:
             return EXIT_OK  # an orphaned start (e.g. a late fork-server answer): nothing to do
-        marks.append(time.monotonic())
+        marks = [time.monotonic()]  # boot phases (ipc.BOOT_PHASES), sent with the first "ready"
         root = logging.getLogger()
         for handler in list(root.handlers):  # from here on the supervisor writes our logs
             root.removeHandler(handler)

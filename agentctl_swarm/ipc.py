@@ -42,9 +42,11 @@ FROM_DAEMON: dict[str, dict[str, tuple[Any, bool]]] = {
     "fatal": {"reason": (_STR, True)},
 }
 _MAX_STRING = 16 * 1024
-# Where a boot's time goes, as "ready" reports it in ``boot_ms``: waiting for the boot
-# message, the workspace and identity, the sandbox, connecting (to WELCOME and JOINED).
-BOOT_PHASES = ("boot_msg", "prepare", "confine", "connect")
+# Where a boot's time goes, as "ready" reports it in ``boot_ms``, from the boot message
+# on: the workspace and identity, the sandbox, connecting (to WELCOME and JOINED). Nothing
+# earlier: the daemon runs before the supervisor learns its PID, so its own clock would
+# overlap the supervisor's "spawn".
+BOOT_PHASES = ("prepare", "confine", "connect")
 
 
 class IpcError(Exception):

@@ -584,17 +584,16 @@ class Supervisor:
 
     def _log_boot(self, slot: Slot, phases: dict[str, Any]) -> None:
         """One line per start: where its time went (slow starts are diagnosed from these)."""
-        now = time.monotonic()
-        total = (now - slot.spawn_began) * 1000
-        parts = {"spawn": (slot.started_at - slot.spawn_began) * 1000}
-        parts.update((k, float(v)) for k, v in phases.items()
+        total = round((time.monotonic() - slot.spawn_began) * 1000)
+        parts = {"spawn": round((slot.started_at - slot.spawn_began) * 1000)}
+        parts.update((k, round(v)) for k, v in phases.items()
                      if k in ipc.BOOT_PHASES and isinstance(v, (int, float)))
-        parts["other"] = max(0.0, total - sum(parts.values()))  # fork to daemon code, IPC
+        # the boot message's way to the daemon, fork to daemon code, the "ready" IPC
+        parts["other"] = max(0, total - sum(parts.values()))
         slot.spawn_began = 0.0
-        log.info("%s ready in %.0f ms (%s)", slot.name, total,
-                 ", ".join(f"{k} {v:.0f}" for k, v in parts.items()),
-                 extra=slot.fields(event="boot", boot_ms=round(total, 1),
-                                   phases_ms={k: round(v, 1) for k, v in parts.items()}))
+        log.info("%s ready in %d ms (%s)", slot.name, total,
+                 ", ".join(f"{k} {v}" for k, v in parts.items()),
+                 extra=slot.fields(event="boot", boot_ms=total, phases_ms=parts))
 
     def _ipc_heartbeat(self, slot: Slot, msg: dict[str, Any]) -> None:
         self.health.beat(slot.name, time.monotonic())
