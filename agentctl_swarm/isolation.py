@@ -13,6 +13,7 @@ makes every session refuse to start, with the reason, while the swarm itself run
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ class Isolation:
         self.config = config
         self.kind = kind
         self.error = error
-        self._ro_cache: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        self._ro_cache: dict[tuple[str, tuple[str, ...]], tuple[list[str], str | None]] = {}
 
     @classmethod
     def detect(cls, config: "SwarmConfig") -> "Isolation":
@@ -69,15 +70,24 @@ class Isolation:
         # The agent command itself: a script given by absolute path is part of it.
         extra += [arg for arg in command[1:] if arg.startswith("/") and Path(arg).is_file()]
         extra += [str(s.file) for s in self.config.secrets_for(name, role) if s.path]
+        read_only, checked_for = self._read_only(command[0], tuple(extra))
         return {"kind": self.kind.value, "program": command[0], "extra_read": extra,
-                "read_only": self._read_only(command[0], tuple(extra))}
+                "read_only": read_only, "read_only_checked_for": checked_for}
 
-    def _read_only(self, program: str, extra: tuple[str, ...]) -> list[str]:
-        """Computed once per (program, extra paths), not once per daemon."""
+    def _read_only(self, program: str, extra: tuple[str, ...]) -> tuple[list[str], str | None]:
+        """The read-only grants, and the workspace parent they were checked against (None
+        if the check failed: each session then fails it with the reason). Computed once
+        per (program, extra paths), not once per daemon: ~160 paths to resolve."""
         key = (program, extra)
         if key not in self._ro_cache:
-            self._ro_cache[key] = list(sandbox.read_only_paths(
+            paths = list(sandbox.read_only_paths(
                 self.config.workspace_base, agent_command=program, extra_read=extra))
+            parent: str | None = os.path.realpath(self.config.workspace_base)
+            try:
+                sandbox.check_read_only(paths, parent)
+            except sandbox.SandboxError:
+                parent = None
+            self._ro_cache[key] = (paths, parent)
         return self._ro_cache[key]
 
     def env_grants(self, name: str, role: str) -> list[dict[str, str]]:
@@ -99,9 +109,17 @@ def resolve(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path) -> dict[
         return spec
     policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"],
                                     extra_read=spec.get("extra_read", ()),
-                                    read_only=spec.get("read_only"))
+                                    read_only=spec.get("read_only"), checked=_checked(spec))
     return {**spec, "policy": {"read_write": list(policy.read_write),
                                "read_only": list(policy.read_only)}}
+
+
+def _checked(spec: dict[str, Any]) -> tuple[str, frozenset[str]] | None:
+    """What the supervisor already verified of the spec's read-only grants."""
+    parent = spec.get("read_only_checked_for")
+    if not parent or not spec.get("read_only"):
+        return None
+    return parent, frozenset(spec["read_only"])
 
 
 def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
@@ -120,7 +138,8 @@ def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
     read_only = list(spec.get("read_only") or sandbox.read_only_paths(
         workspace.parent, agent_command=spec["program"], extra_read=spec.get("extra_read", ())))
     policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"],
-                                    read_only=read_only + [p for p in extra if Path(p).exists()])
+                                    read_only=read_only + [p for p in extra if Path(p).exists()],
+                                    checked=_checked(spec))
     sandbox.apply_landlock(policy)
     return "landlock"
 

@@ -361,3 +361,41 @@ def test_restrict_self_failure_is_a_sandbox_error() -> None:
         os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_supervisor_checks_read_only_grants_once_and_the_daemon_trusts_only_that(
+        tmp_path: Path) -> None:
+    """The ~160 read-only grants are resolved once by the supervisor against the workspace
+    parent; a workspace elsewhere, or a grant added later, is still checked in full."""
+    from agentctl_swarm.config import load_config
+    from agentctl_swarm.isolation import Isolation, _checked
+    cfg = tmp_path / "swarm.yaml"
+    cfg.write_text(f"workspace-base: {tmp_path / 'claude'}\nsandbox: landlock\n")
+    config = load_config(cfg, env={"HOME": str(tmp_path)})
+    spec = Isolation(config, SandboxKind.LANDLOCK).sandbox_spec("swarm-general-001", "general")
+    assert spec is not None and spec["read_only_checked_for"] == os.path.realpath(tmp_path / "claude")
+    ws, tmp = tmp_path / "claude/swarm-general-001", tmp_path / "tmp-001"
+    ws.mkdir(parents=True)
+    tmp.mkdir()
+    checked = _checked(spec)
+    policy = sandbox.session_policy(ws, tmp, agent_command="git", read_only=spec["read_only"],
+                                    checked=checked)
+    assert _grants_reach(policy, ws.parent / "swarm-general-002") == []
+    # A grant that is not among the checked ones is resolved and refused...
+    with pytest.raises(SandboxError, match="other workspaces would be readable"):
+        sandbox.session_policy(ws, tmp, agent_command="git",
+                               read_only=[*spec["read_only"], str(tmp_path)], checked=checked)
+    # ...and so is every grant when the workspace is not under the checked parent.
+    with pytest.raises(SandboxError, match="other workspaces would be readable"):
+        sandbox.session_policy(Path("/usr/share/doc"), tmp, agent_command="git",
+                               read_only=spec["read_only"], checked=checked)
+
+
+def test_a_workspace_base_inside_a_read_only_grant_is_not_vouched_for(tmp_path: Path) -> None:
+    from agentctl_swarm.config import load_config
+    from agentctl_swarm.isolation import Isolation, _checked
+    cfg = tmp_path / "swarm.yaml"
+    cfg.write_text("workspace-base: /usr/share\nsandbox: landlock\n")
+    config = load_config(cfg, env={"HOME": str(tmp_path)})
+    spec = Isolation(config, SandboxKind.LANDLOCK).sandbox_spec("swarm-general-001", "general")
+    assert spec is not None and spec["read_only_checked_for"] is None and _checked(spec) is None
