@@ -13,11 +13,17 @@ Protocol (SOCK_SEQPACKET, one JSON object per message): the supervisor sends
 fork-server answers ``{"id", "pid"}`` or ``{"id", "error"}``. It first sends
 ``{"ready": true}`` once preloaded.
 
-Each request is served by a double fork. The intermediate child forks the
-daemon, sends the daemon's PID back and exits; the daemon is thereby reparented
-to the supervisor (a child subreaper), which reaps it and learns its exit status
-directly. The fork-server ignores SIGCHLD, so the kernel reaps its intermediates. It exits when
-the supervisor closes the socket, and dies with the supervisor (PDEATHSIG).
+Each daemon must be the supervisor's child, so that the supervisor reaps it and
+learns its exit status directly, and must outlive a fork-server crash. The
+fork-server (itself the supervisor's child) therefore forks with
+``CLONE_PARENT`` (``proc.fork_as_sibling``): the daemon is born the
+supervisor's child. Where that is unavailable it double-forks: an intermediate
+child forks the daemon, sends its PID back and exits, and the daemon is
+reparented to the supervisor (a child subreaper); the fork-server ignores
+SIGCHLD, so the kernel reaps the intermediates. Measured at 100 starts, the
+intermediate's fork and exit were ~11 % of the machine's CPU in the spawn
+window. The fork-server exits when the supervisor closes the socket, and dies
+with the supervisor (PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ import signal
 import socket
 import sys
 
+from .system import proc
+
 MAX_REQUEST = 64 * 1024
+SIBLING_FORK = False  # set in main(): fork daemons with CLONE_PARENT
 
 
 def preload() -> None:
@@ -76,6 +85,14 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
     from .spawner import LaunchPlan
     plan = LaunchPlan.from_json(plan_json)
     plan.keep_fds = (ipc_fd,)
+    if SIBLING_FORK:
+        pid = proc.fork_as_sibling()
+        if pid == 0:
+            sock.close()
+            _run_daemon(plan, ipc_fd)
+        _reply(sock, {"id": req_id, "pid": pid})
+        return
+    plan.reparenting = True  # our intermediate exits at once; the daemon waits for that
     if os.fork() != 0:
         return  # the server: the intermediate answers for us
     try:
@@ -111,6 +128,8 @@ def _reply(sock: socket.socket, msg: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentctl-swarm-forkserver")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--double-fork", action="store_true",
+                        help="always fork through an intermediate (the fallback path)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     # Our only children are the intermediates: let the kernel reap them.
@@ -120,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from .system.title import set_title
     set_title("agentctl-swarm fork-server")
     preload()
+    global SIBLING_FORK
+    SIBLING_FORK = not args.double_fork and proc.can_fork_as_sibling()
     return serve(sock)
 
 

@@ -2,8 +2,9 @@
 
 Each known child gets a pidfd registered with the event loop; when it becomes
 readable the child has exited and is reaped with ``waitid(P_PIDFD)``, its status
-decoded once. Daemons started by the fork-server become our children only after
-their intermediate parent exits (we are a child subreaper): a pidfd can turn
+decoded once. Daemons that the fork-server double-forks (its fallback when it
+cannot fork with ``CLONE_PARENT``) become our children only after their
+intermediate parent exits (we are a child subreaper): a pidfd can turn
 readable a moment before that, so an ``ECHILD`` is retried shortly.
 
 Reparented strays (orphans of a dead daemon's session) are also our children.

@@ -8,10 +8,11 @@ where a child is detached, tied to the supervisor's life, put in its cgroup,
 confined, and stripped of descriptors it must not hold. Three paths use it:
 
 * **fork-server** (default for daemons): the supervisor sends the plan to the
-  zygote (``forkserver.py``), which double-forks. The intermediate exits at once,
-  so the daemon is reparented to the supervisor, which is a child subreaper
-  (``PR_SET_CHILD_SUBREAPER``). The daemon waits until that reparenting is done,
-  then sets ``PR_SET_PDEATHSIG`` (which is relative to the *current* parent) and
+  zygote (``forkserver.py``), which forks it with ``CLONE_PARENT``, so the daemon
+  is born the supervisor's child. (The fallback double fork has an intermediate
+  that exits at once, so the daemon is reparented to the supervisor, a child
+  subreaper (``PR_SET_CHILD_SUBREAPER``); the daemon waits for that.) It then sets
+  ``PR_SET_PDEATHSIG`` (which is relative to the *current* parent) and
   re-checks its parent, so it can never outlive the supervisor.
 * **exec** (``spawn: exec``): the supervisor forks and the child execs
   ``python -m agentctl_swarm.daemon``. Slower (a fresh interpreter and imports per
@@ -56,6 +57,7 @@ class LaunchPlan:
     name: str
     keep_fds: tuple[int, ...] = ()
     supervisor_pid: int | None = None  # expected parent; None: do not tie to a parent
+    reparenting: bool = False  # our parent is an intermediate about to exit (double fork)
     pdeathsig: int = int(signal.SIGKILL)
     new_session: bool = True
     cgroup: dict[str, Any] | None = None  # system.cgroups join spec
@@ -85,7 +87,7 @@ def apply_in_child(plan: LaunchPlan) -> None:
         if plan.new_session:
             os.setsid()
         if plan.supervisor_pid is not None:
-            _tie_to_parent(plan.supervisor_pid, plan.pdeathsig)
+            _tie_to_parent(plan.supervisor_pid, plan.pdeathsig, plan.reparenting)
         if plan.cgroup is not None:
             from .system import cgroups
             cgroups.join_spec(plan.cgroup)
@@ -106,10 +108,10 @@ def _reset_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _tie_to_parent(supervisor_pid: int, sig: int) -> None:
-    """Wait for reparenting to the supervisor, then die with it."""
+def _tie_to_parent(supervisor_pid: int, sig: int, reparenting: bool) -> None:
+    """Wait for reparenting to the supervisor if need be, then die with it."""
     parent = os.getppid()
-    if parent != supervisor_pid:
+    if parent != supervisor_pid and reparenting:
         # Double-forked: our parent is the fork-server's intermediate, which exits
         # right away. Wait on its pidfd (no spinning), then we belong to the subreaper.
         try:
@@ -167,13 +169,15 @@ class ForkServerClient:
         return self._sock is not None and self._ready is not None and self._ready.done() \
             and not self._ready.exception()
 
-    def launch(self, plan: LaunchPlan) -> int:
-        """Exec the fork-server; its PID at once (``wait_ready`` for the preload)."""
+    def launch(self, plan: LaunchPlan, *, double_fork: bool = False) -> int:
+        """Exec the fork-server; its PID at once (``wait_ready`` for the preload).
+        ``double_fork`` forces its fallback path (for tests)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setblocking(False)
             plan.keep_fds = (theirs.fileno(),)
             argv = [sys.executable, "-m", "agentctl_swarm.forkserver", "--fd", str(theirs.fileno())]
+            argv += ["--double-fork"] if double_fork else []
             self.pid = fork_exec(plan, argv)
         except BaseException:
             ours.close()

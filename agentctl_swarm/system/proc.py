@@ -16,6 +16,19 @@ Design note
 * Everything that reads ``/proc/PID`` treats a vanished or unreadable process as
   "no data" (``None``/empty), because the pid may exit between our listing and
   our read; that race is normal, not an error.
+* ``fork_as_sibling`` is ``os.fork()`` with ``CLONE_PARENT``: the child's
+  parent is the caller's parent. The fork-server uses it so that a daemon is
+  the supervisor's own child from its first instruction, without an
+  intermediate process that forks and exits (a fork, an exit and a
+  reparenting per daemon). Python has no ``clone`` binding, so it is the raw
+  syscall between CPython's own ``PyOS_BeforeFork`` / ``PyOS_AfterFork_*``
+  hooks (exactly what ``os.fork`` runs), called with the GIL held. What it
+  skips of glibc's ``fork()``: taking malloc/stdio locks (no other thread can
+  hold them: it refuses a multi-threaded caller), ``pthread_atfork`` handlers
+  (none that matter here: OpenSSL notices a fork by the PID change and reseeds),
+  re-registering the robust-mutex list, and updating the TID cached in the
+  thread descriptor, which glibc tolerates as it does after ``vfork``
+  (``raise`` and ``pthread_kill`` on oneself ask the kernel for the TID).
 * ``/proc/PID/task/TID/children`` needs ``CONFIG_PROC_CHILDREN``, which the
   kernels we run on lack, so ``children_of`` scans ``/proc/*/stat``.
 """
@@ -23,7 +36,10 @@ Design note
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import os
+import platform
 import resource
 import signal
 from dataclasses import dataclass
@@ -46,6 +62,53 @@ def _prctl(option: int, arg2: int | ctypes.c_void_p = 0) -> None:
     if _libc.prctl(option, arg2, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+_CLONE_PARENT = 0x00008000
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}  # arches where clone(flags, 0, 0, 0, 0) is fork-like
+
+
+def _raw_clone() -> "ctypes._CFuncPtr | None":
+    nr = _SYS_CLONE.get(platform.machine())
+    if nr is None:
+        return None
+    func = ctypes.PyDLL(None, use_errno=True).syscall  # PyDLL: the GIL stays held
+    func.restype = ctypes.c_long
+    func.argtypes = [ctypes.c_long] * 6
+    return functools.partial(func, nr)  # type: ignore[return-value]
+
+
+def can_fork_as_sibling() -> bool:
+    """True where ``fork_as_sibling`` works: a known architecture, one thread."""
+    return _SYS_CLONE.get(platform.machine()) is not None and _thread_count() == 1
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def fork_as_sibling() -> int:
+    """Like ``os.fork()``, but the child's parent is our parent. 0 in the child.
+
+    Only for a single-threaded caller (see the design note); OSError if unsupported.
+    """
+    clone = _raw_clone()
+    if clone is None or _thread_count() != 1:
+        raise OSError(errno.ENOSYS, "fork_as_sibling needs x86_64 or aarch64 and a single thread")
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    pid = clone(_CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone(CLONE_PARENT): {os.strerror(err)}")
+    return pid
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:

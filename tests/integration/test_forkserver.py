@@ -1,0 +1,107 @@
+"""The fork-server's two ways of making a daemon the supervisor's child, for real.
+
+``proc.fork_as_sibling`` (clone with CLONE_PARENT) is the default; the double fork
+through an intermediate is the fallback. Each test runs a small "supervisor" in its
+own process (it must be the daemons' parent, and a child subreaper for the double
+fork), which prints what it saw as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agentctl_swarm.system import proc
+
+pytestmark = pytest.mark.skipif(not proc.can_fork_as_sibling(),
+                                reason="clone(CLONE_PARENT) is wired for x86_64 and aarch64 only")
+
+
+def _run(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+SIBLING = """
+    import json, os, random, sys, threading, subprocess
+    from agentctl_swarm.system import proc
+    from agentctl_swarm.agentchat.identity import Identity
+    mine = Identity.generate("parent").agent_id
+    r, w = os.pipe()
+    grandparent = os.getppid()
+    pid = proc.fork_as_sibling()
+    if pid == 0:
+        box = []
+        t = threading.Thread(target=lambda: box.append(threading.get_native_id()))
+        t.start(); t.join()
+        echo = subprocess.run(["echo", "ok"], capture_output=True, text=True).stdout.strip()
+        os.write(w, json.dumps({"ppid": os.getppid(), "pid": os.getpid(),
+                                "agent": Identity.generate("child").agent_id,
+                                "random": random.random(), "thread": box[0], "echo": echo}).encode())
+        os._exit(0)
+    os.close(w)
+    child = json.loads(os.read(r, 65536))
+    child.update(returned=pid, grandparent=grandparent, agent_parent=mine, random_parent=random.random(),
+                 not_our_child=False)
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        child["not_our_child"] = True
+    print(json.dumps(child))
+"""
+
+
+def test_fork_as_sibling_gives_our_parent_a_working_child() -> None:
+    seen = _run(SIBLING)
+    assert seen["ppid"] == seen["grandparent"] and seen["pid"] == seen["returned"]
+    assert seen["not_our_child"], "the sibling must not be the caller's child"
+    assert seen["agent"] != seen["agent_parent"], "the child's key generator was not reseeded"
+    assert seen["random"] != seen["random_parent"]
+    assert seen["thread"] not in (seen["pid"], 0) and seen["echo"] == "ok"
+
+
+SUPERVISOR = """
+    import asyncio, json, os, socket, sys
+    from agentctl_swarm import ipc
+    from agentctl_swarm.spawner import ForkServerClient, LaunchPlan
+    from agentctl_swarm.system import proc
+
+    async def main(double_fork):
+        proc.set_child_subreaper(True)
+        client = ForkServerClient(os.getpid())
+        client.launch(LaunchPlan(name="fork-server", supervisor_pid=os.getpid()), double_fork=double_fork)
+        await client.wait_ready()
+        seen = []
+        for i in range(3):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = await client.spawn(LaunchPlan(name=f"d{i}"), theirs.fileno())
+            theirs.close()
+            got = asyncio.get_running_loop().create_future()
+            chan = await ipc.open_channel(ours, lambda m: got.done() or got.set_result(m), lambda e: None)
+            hello = await asyncio.wait_for(got, 10)
+            ppid = proc.parent_pid(pid)
+            chan.close()  # no boot: the daemon exits at once
+            status = await asyncio.to_thread(os.waitpid, pid, 0)
+            seen.append({"pid": pid, "hello_pid": hello["pid"], "ppid": ppid, "status": status[1]})
+        client.close()
+        await asyncio.to_thread(os.waitpid, client.pid, 0)
+        print(json.dumps({"me": os.getpid(), "daemons": seen}))
+
+    asyncio.run(main(sys.argv[1] == "double"))
+"""
+
+
+@pytest.mark.parametrize("mode", ["sibling", "double"])
+def test_each_fork_path_makes_the_daemon_the_supervisors_child(mode: str) -> None:
+    seen = _run(SUPERVISOR, mode)
+    assert len(seen["daemons"]) == 3
+    for daemon in seen["daemons"]:
+        assert daemon["hello_pid"] == daemon["pid"]
+        assert daemon["ppid"] == seen["me"], daemon  # reaped by us, with its exit status
+        assert daemon["status"] == 0, daemon
