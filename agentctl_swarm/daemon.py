@@ -169,7 +169,8 @@ class Daemon:
             # a heartbeat not echoed before the next one is due means a dead link
             ack_timeout=min(10.0, max(2.0, float(self.boot.get("heartbeat_interval", 30.0)))),
             keepalive=None,  # the echo of each heartbeat already proves the link alive
-            read_gap=READ_GAP_S)
+            read_gap=READ_GAP_S,
+            ignore_heartbeats=True)  # _on_chat drops them; do not parse ~N per start of N
         asyncio.get_running_loop().create_task(self.client.run())
 
     def request_stop(self, why: str = "") -> None:

@@ -31,6 +31,7 @@ of channel history (``replay: true``) unless ``deliver_replay``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -64,6 +65,11 @@ class _AttemptFailed(Exception):
     """One connect/handshake attempt failed; the message says why."""
 
 
+_TYPE_PREFIX = '{"type":"'
+_HEARTBEAT_MARK = '"content":"HEARTBEAT '
+_HANDLED = frozenset({p.MSG, p.ERROR, p.SESSION_DISPLACED})  # what _handle acts on
+
+
 class AgentChatClient:
     """A reconnecting, paced agentchat client; see the module docstring."""
 
@@ -74,7 +80,7 @@ class AgentChatClient:
                  report_after: int = 5, allow_direct: bool = False, max_queue: int = 1000,
                  handshake_timeout: float = 10.0, ack_timeout: float = 10.0,
                  keepalive: float | None = 60.0, deliver_replay: bool = False,
-                 read_gap: float = 0.0) -> None:
+                 read_gap: float = 0.0, ignore_heartbeats: bool = False) -> None:
         bad = [c for c in channels if not p.is_valid_channel(c)]
         if bad:
             raise ValueError(f"invalid channel names: {', '.join(map(repr, bad))}")
@@ -87,6 +93,8 @@ class AgentChatClient:
         self._ack_timeout, self._keepalive = ack_timeout, keepalive
         self._deliver_replay = deliver_replay
         self._read_gap = read_gap
+        self._ignore_heartbeats = ignore_heartbeats
+        self._own_from = ""  # '"from":"<our id>"', once identified
         self._queue: deque[tuple[str, str]] = deque()
         self._inflight: tuple[str, str] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -240,6 +248,7 @@ class AgentChatClient:
                                 "signature": sig, "timestamp": stamp}))
         welcome = await self._expect(ws, p.WELCOME)
         self._agent_id = str(welcome["agent_id"])
+        self._own_from = f'"from":{json.dumps(self._agent_id)}'
         self._lurk = bool(welcome.get("lurk", False))
         self._lurk_until = welcome.get("lurk_until")
         if self._lurk:
@@ -317,12 +326,32 @@ class AgentChatClient:
 
     def _on_frame(self, raw: str | bytes) -> None:
         """Handle one frame; nothing a server or a callback does may escape into run()."""
+        if type(raw) is str and self._skippable(raw):
+            return
         try:
             msg = p.decode(raw)
         except p.ProtocolError as exc:
             log.warning("agentchat %s: ignoring malformed frame: %s", self._identity.name, exc)
             return
         self._handle_safely(msg)
+
+    def _skippable(self, raw: str) -> bool:
+        """A frame we would parse only to drop: presence notices, and others' heartbeats
+        when ``ignore_heartbeats``. In a swarm starting N daemons each daemon is sent ~N
+        of each; parsing is most of what they cost it. Decided on the compact layout
+        our relay and agentchat write (``{"type":"X",...``, ``"content":"HEARTBEAT ``);
+        a frame laid out otherwise is parsed. Inside a JSON string every quote is
+        escaped, so a message cannot fake these structural patterns."""
+        if not raw.startswith(_TYPE_PREFIX):
+            return False
+        end = raw.find('"', len(_TYPE_PREFIX), 64)
+        kind = raw[len(_TYPE_PREFIX):end] if end > 0 else None
+        if kind is None:
+            return False
+        if kind != p.MSG:
+            return kind not in _HANDLED
+        return (self._ignore_heartbeats and _HEARTBEAT_MARK in raw
+                and not (self._own_from and self._own_from in raw))
 
     def _handle_safely(self, msg: dict) -> None:
         try:
