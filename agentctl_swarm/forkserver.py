@@ -4,9 +4,11 @@ Design note
 -----------
 Starting a daemon with ``exec`` costs a fresh interpreter and ~100 ms of imports
 (websockets, cryptography, yaml). The fork-server pays that once: it imports
-everything a daemon needs, warms the code paths that initialise lazily (an
-Ed25519 sign, a JSON round trip), then ``gc.freeze()``s the heap so forked
-children do not dirty the shared pages when the collector walks them.
+everything a daemon needs, boots two throw-away daemons against an in-process
+relay (``daemon.rehearse``: caches, type version tags and specialised bytecode
+are then written once here, not copied into every daemon), then
+``gc.freeze()``s the heap so forked children do not dirty the shared pages when
+the collector walks them.
 
 Protocol (SOCK_SEQPACKET, one JSON object per message): the supervisor sends
 ``{"id", "plan"}`` with the daemon's IPC socket attached (SCM_RIGHTS); the
@@ -42,11 +44,13 @@ MAX_REQUEST = 64 * 1024
 SIBLING_FORK = False  # set in main(): fork daemons with CLONE_PARENT
 
 
-def preload() -> None:
+def preload(rehearse: bool = True) -> None:
     """Import and warm everything a daemon touches, before freezing the heap."""
     import asyncio.unix_events  # noqa: F401 - what asyncio.run needs on Linux
     from . import daemon
     daemon.preload()
+    if rehearse:
+        daemon.rehearse()
     gc.collect()
     gc.freeze()
 
@@ -125,20 +129,27 @@ def _reply(sock: socket.socket, msg: dict) -> None:
         pass
 
 
+def _own_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Our only children are double-fork intermediates: let the kernel reap them.
+    # (apply_in_child resets SIGCHLD in each daemon.)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentctl-swarm-forkserver")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--double-fork", action="store_true",
                         help="always fork through an intermediate (the fallback path)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    # Our only children are the intermediates: let the kernel reap them.
-    # (apply_in_child resets SIGCHLD in each daemon.)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    _own_signals()
     sock = socket.socket(fileno=args.fd)
     from .system.title import set_title
     set_title("agentctl-swarm fork-server")
     preload()
+    _own_signals()  # the rehearsal's event loop reset them
+    set_title("agentctl-swarm fork-server")
     global SIBLING_FORK
     SIBLING_FORK = not args.double_fork and proc.can_fork_as_sibling()
     return serve(sock)
