@@ -84,11 +84,25 @@ def _call(paths: SwarmPaths, cmd: str, args: dict[str, Any] | None = None) -> di
 
 def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
     from .config import load_config
-    from .supervisor import run_supervisor
+    from .system.pidfile import PidFile
     if args.count is not None and not 0 < args.count <= 5000:
         raise SwarmError(f"--count: expected 1 to 5000, got {args.count}")
     config = load_config(args.config)
-    return run_supervisor(config, paths=paths, config_arg=args.config, count_override=args.count)
+    paths.ensure()
+    pidfile = PidFile(paths.pidfile)
+    pidfile.acquire()  # a second start is refused before it starts anything
+    try:
+        forkserver = None
+        if config.spawn == "fork-server":
+            # Before importing the supervisor: its preload overlaps our imports (~0.2 s).
+            from .spawner import prestart_forkserver
+            forkserver = prestart_forkserver()
+        from .supervisor import run_supervisor
+    except BaseException:
+        pidfile.release()
+        raise
+    return run_supervisor(config, paths=paths, config_arg=args.config, count_override=args.count,
+                          pidfile=pidfile, forkserver=forkserver)
 
 
 def cmd_swarm_check_config(args: argparse.Namespace, paths: SwarmPaths) -> int:

@@ -32,7 +32,7 @@ from .isolation import Isolation
 from .paths import SwarmPaths
 from .reaper import Reaper
 from .restart_policy import GiveUp, RestartTracker
-from .spawner import LaunchPlan, Spawner, SpawnError, fork_exec
+from .spawner import ForkServerClient, LaunchPlan, Spawner, SpawnError, fork_exec
 from .state import read_json, write_json_atomic
 from .system import proc
 from .system.cgroups import CgroupManager
@@ -98,7 +98,7 @@ class Supervisor:
     """Owns the daemons, the relay, the fork-server and the coordinator."""
 
     def __init__(self, config: SwarmConfig, *, paths: SwarmPaths, config_arg: Path | None = None,
-                 count_override: int | None = None) -> None:
+                 count_override: int | None = None, forkserver: ForkServerClient | None = None) -> None:
         self.config = config
         self.paths = paths
         self.config_arg = config_arg
@@ -115,7 +115,7 @@ class Supervisor:
                                     paths.log_dir / "health.log")
         self.pidfile = PidFile(paths.pidfile)
         self.cgroups: CgroupManager | None = None
-        self.spawner = Spawner(config.spawn, self.pid)
+        self.spawner = Spawner(config.spawn, self.pid, forkserver)
         self.reaper: Reaper | None = None
         self.coordinator = Coordinator(self)
         self.saved_restarts: dict[str, Any] = {}
@@ -159,11 +159,17 @@ class Supervisor:
             log.warning("%s", problem, extra=log_fields(event="state"))
         self.saved_restarts = saved if isinstance(saved, dict) else {}
         self.isolation = Isolation.detect(self.config)
-        await asyncio.gather(self.start_relay(), self.start_forkserver())  # two execs at once
-        from .control.server import ControlServer
-        self.control = ControlServer(self, self.paths.control_socket, self.paths.control_token)
-        await self.control.start()
-        await self.coordinator.start()
+        # The fork-server preloads (~0.2 s) while the relay, the control socket and the
+        # coordinator come up.
+        forkserver = asyncio.ensure_future(self.start_forkserver())
+        try:
+            await self.start_relay()
+            from .control.server import ControlServer
+            self.control = ControlServer(self, self.paths.control_socket, self.paths.control_token)
+            await self.control.start()
+            await self.coordinator.start()
+        finally:
+            await forkserver
         self.manage_daemons()
         self.initial = set(self.slots)
         self.sweep_workspaces()
@@ -276,11 +282,15 @@ class Supervisor:
         fs = self.spawner.forkserver
         if fs is None or self.stopping:
             return
-        try:
-            pid = self.spawner.launch_forkserver()
-        except (SpawnError, OSError) as exc:
-            self._forkserver_down(f"could not be started: {exc}")
-            return
+        if fs.pid is not None and not fs.attached:  # exec'd by prestart_forkserver
+            pid = fs.pid
+            fs.attach()
+        else:
+            try:
+                pid = self.spawner.launch_forkserver()
+            except (SpawnError, OSError) as exc:
+                self._forkserver_down(f"could not be started: {exc}")
+                return
         assert self.reaper is not None
         self.reaper.watch(pid, self._on_forkserver_exit)
         self.forkserver_restarts.on_start(time.monotonic())
@@ -849,15 +859,21 @@ async def _wait_for_port(port: int, timeout: float) -> None:
 
 
 def run_supervisor(config: SwarmConfig, *, paths: SwarmPaths, config_arg: Path | None,
-                   count_override: int | None) -> int:
-    """Lock, log, run the loop; the pidfile lock is held for the whole life."""
+                   count_override: int | None, pidfile: PidFile | None = None,
+                   forkserver: ForkServerClient | None = None) -> int:
+    """Lock, log, run the loop; the pidfile lock is held for the whole life.
+
+    ``pidfile`` (already acquired) and ``forkserver`` (already exec'd) come from a
+    caller that started them before importing this module: see ``cli.cmd_swarm_start``."""
     from .system.journal import setup_logging
-    paths.ensure()
-    pidfile = PidFile(paths.pidfile)
-    pidfile.acquire()
+    if pidfile is None:
+        paths.ensure()
+        pidfile = PidFile(paths.pidfile)
+        pidfile.acquire()
     try:
         setup_logging(log_dir=paths.log_dir)
-        supervisor = Supervisor(config, paths=paths, config_arg=config_arg, count_override=count_override)
+        supervisor = Supervisor(config, paths=paths, config_arg=config_arg, count_override=count_override,
+                                forkserver=forkserver)
         supervisor.pidfile = pidfile
         return asyncio.run(supervisor.run())
     finally:
