@@ -23,8 +23,8 @@ import socket
 import sys
 import time
 from collections import OrderedDict
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from . import ipc, verbs, workspace

@@ -345,9 +345,9 @@ class AgentChatClient:
         if not raw.startswith(_TYPE_PREFIX):
             return False
         end = raw.find('"', len(_TYPE_PREFIX), 64)
-        kind = raw[len(_TYPE_PREFIX):end] if end > 0 else None
-        if kind is None:
+        if end < 0:
             return False
+        kind = raw[len(_TYPE_PREFIX):end]
         if kind != p.MSG:
             return kind not in _HANDLED
         return (self._ignore_heartbeats and _HEARTBEAT_MARK in raw

@@ -68,6 +68,7 @@ _CLONE_PARENT = 0x00008000
 _SYS_CLONE = {"x86_64": 56, "aarch64": 220}  # arches where clone(flags, 0, 0, 0, 0) is fork-like
 
 
+@functools.lru_cache(maxsize=None)  # built once, not on every fork
 def _raw_clone() -> "ctypes._CFuncPtr | None":
     nr = _SYS_CLONE.get(platform.machine())
     if nr is None:

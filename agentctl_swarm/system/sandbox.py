@@ -64,8 +64,8 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass
 from enum import Enum
