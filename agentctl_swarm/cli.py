@@ -87,22 +87,43 @@ def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
     from .system.pidfile import PidFile
     if args.count is not None and not 0 < args.count <= 5000:
         raise SwarmError(f"--count: expected 1 to 5000, got {args.count}")
-    config = load_config(args.config)
     paths.ensure()
     pidfile = PidFile(paths.pidfile)
     pidfile.acquire()  # a second start is refused before it starts anything
+    prestarted = None
     try:
+        # The fork-server (the default spawn mode) is forked from this process first,
+        # so that its ~0.2 s preload overlaps loading the config and importing the
+        # supervisor; with "spawn: exec" or a bad config it is killed at once.
+        from . import forkserver as forkserver_module
+        prestarted = forkserver_module.prestart()
+        config = load_config(args.config)
         forkserver = None
         if config.spawn == "fork-server":
-            # Before importing the supervisor: its preload overlaps our imports (~0.2 s).
-            from .spawner import prestart_forkserver
-            forkserver = prestart_forkserver()
+            from .spawner import adopt_forkserver
+            forkserver = adopt_forkserver(*prestarted)
+        else:
+            _discard_forkserver(*prestarted)
+        prestarted = None
         from .supervisor import run_supervisor
     except BaseException:
+        if prestarted is not None:
+            _discard_forkserver(*prestarted)
         pidfile.release()
         raise
     return run_supervisor(config, paths=paths, config_arg=args.config, count_override=args.count,
                           pidfile=pidfile, forkserver=forkserver)
+
+
+def _discard_forkserver(pid: int, sock: Any) -> None:
+    import os
+    import signal
+    sock.close()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
 
 
 def cmd_swarm_check_config(args: argparse.Namespace, paths: SwarmPaths) -> int:

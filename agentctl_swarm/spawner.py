@@ -291,14 +291,13 @@ def forkserver_plan(supervisor_pid: int, cgroup: dict[str, Any] | None = None) -
     return LaunchPlan(name="fork-server", supervisor_pid=supervisor_pid, cgroup=cgroup)
 
 
-def prestart_forkserver() -> ForkServerClient:
-    """Exec the fork-server first thing in a starting supervisor (this process), so
-    that its ~0.2 s of imports and rehearsal overlap the supervisor's own imports
-    and setup instead of following them. The supervisor attaches it to its loop
-    (``Supervisor.start_forkserver``). Should the supervisor never get that far,
-    the fork-server dies with it (PDEATHSIG) or exits on the closed socket."""
+def adopt_forkserver(pid: int, sock: socket.socket) -> ForkServerClient:
+    """The client for a fork-server this process forked itself (``forkserver.prestart``)
+    before it had an event loop; the supervisor attaches it to its loop
+    (``Supervisor.start_forkserver``). Should the supervisor never get that far, the
+    fork-server dies with it (PDEATHSIG) or exits on the closed socket."""
     client = ForkServerClient(os.getpid())
-    client.start(forkserver_plan(os.getpid()))
+    client.pid, client._sock = pid, sock
     return client
 
 

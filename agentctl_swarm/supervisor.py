@@ -282,7 +282,7 @@ class Supervisor:
         fs = self.spawner.forkserver
         if fs is None or self.stopping:
             return
-        if fs.pid is not None and not fs.attached:  # exec'd by prestart_forkserver
+        if fs.pid is not None and not fs.attached:  # forked by forkserver.prestart
             pid = fs.pid
             fs.attach()
         else:

@@ -125,19 +125,22 @@ class _PathBeneathAttr(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_NUMBERS = _SYSCALLS.get(platform.machine())  # looked up once: a daemon boot makes ~170 calls
 
 
 def _syscall(index: int, *args: object) -> int:
     """Call Landlock syscall ``index`` (0 create, 1 add_rule, 2 restrict); -errno on failure."""
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None:
+    if _NUMBERS is None:
         return -errno.ENOSYS
-    ret = _libc.syscall(ctypes.c_long(numbers[index]), *args)
+    ret = _libc.syscall(ctypes.c_long(_NUMBERS[index]), *args)
     return ret if ret >= 0 else -ctypes.get_errno()
 
 
+@functools.cache
 def landlock_abi() -> int:
-    """The running kernel's Landlock ABI version, 0 when Landlock is absent or disabled."""
+    """The running kernel's Landlock ABI version, 0 when Landlock is absent or disabled.
+    Fixed at boot (it is a kernel build and command line matter), so asked once per
+    process; the fork-server's answer is inherited by every daemon."""
     ret = _syscall(0, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
     return max(ret, 0)
 

@@ -212,11 +212,42 @@ def test_heartbeat_misses_declare_dead(tmp_path: Path) -> None:
         assert "missed 3 heartbeats" in log
 
 
+def _children(pid: int) -> list[tuple[int, str, bytes]]:
+    """(pid, state, cmdline) of every child of ``pid``, zombies included."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if entry.name.isdigit() and int(fields[1]) == pid:
+                found.append((int(entry.name), fields[0], (entry / "cmdline").read_bytes()))
+        except OSError:
+            continue
+    return found
+
+
 def test_exec_spawn_path(tmp_path: Path) -> None:
     with Swarm(tmp_path / "home", base_config(count=2, spawn="exec")) as swarm:
         swarm.start()
         assert {a["spawned_via"] for a in swarm.agents().values()} == {"exec"}
         assert swarm.status()["supervisor"]["spawn"] == "exec"
+        # The fork-server forked before the config was read is killed and reaped.
+        assert swarm.status()["supervisor"]["forkserver_pid"] is None
+        assert swarm.proc is not None
+        kids = _children(swarm.proc.pid)
+        assert not [k for k in kids if k[1] == "Z" or k[2].startswith(b"agentctl-swarm fork-server")], kids
+
+
+def test_start_with_a_bad_config_leaves_nothing_behind(tmp_path: Path) -> None:
+    swarm = Swarm(tmp_path / "home")
+    swarm.config_path.parent.mkdir(parents=True)
+    swarm.config_path.write_text("count: lots\n")
+    result = swarm.cli("swarm", "start", check=False)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "count" in result.stderr, result.stderr
+    assert swarm_processes(swarm.home) == []
+    with swarm:  # the pid file was released: a good config starts
+        swarm.start()
+        assert swarm.status()["supervisor"]["forkserver_pid"] in [k[0] for k in _children(swarm.proc.pid)]
 
 
 def test_forkserver_death_falls_back_and_recovers(swarm: Swarm) -> None:
