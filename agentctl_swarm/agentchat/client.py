@@ -27,6 +27,10 @@ relay is noticed within one interval plus ``ack_timeout``.
 
 Own echoes are not passed to ``on_message``; nor are the real server's replays
 of channel history (``replay: true``) unless ``deliver_replay``.
+
+``ignore_heartbeats`` (the daemons): others' HEARTBEAT lines are of no use to
+this client. Where the server offers the ``mute`` extension (our relay), the
+JOINs ask it not to send them at all; elsewhere they are dropped unparsed.
 """
 from __future__ import annotations
 
@@ -95,6 +99,7 @@ class AgentChatClient:
         self._read_gap = read_gap
         self._ignore_heartbeats = ignore_heartbeats
         self._own_from = ""  # '"from":"<our id>"', once identified
+        self._can_mute = False  # the server offers the "mute" extension (WELCOME.features)
         self._queue: deque[tuple[str, str]] = deque()
         self._inflight: tuple[str, str] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -251,6 +256,8 @@ class AgentChatClient:
         self._own_from = f'"from":{json.dumps(self._agent_id)}'
         self._lurk = bool(welcome.get("lurk", False))
         self._lurk_until = welcome.get("lurk_until")
+        features = welcome.get("features")
+        self._can_mute = isinstance(features, list) and p.FEATURE_MUTE in features
         if self._lurk:
             log.warning("agentchat %s: %s is in lurk mode (until %s): the server may refuse "
                         "its messages", ident.name, self._agent_id, self._lurk_until)
@@ -268,8 +275,11 @@ class AgentChatClient:
     async def _join_all(self, ws: _ws.WebSocket) -> None:
         """Pipeline every JOIN; each gets JOINED or an ERROR, in order."""
         pending = list(self._channels)
+        join: dict[str, Any] = {"type": p.JOIN}
+        if self._ignore_heartbeats and self._can_mute:
+            join["mute"] = ["HEARTBEAT"]
         for channel in pending:
-            ws.send(p.encode({"type": p.JOIN, "channel": channel}))
+            ws.send(p.encode({**join, "channel": channel}))
         while pending:
             msg = p.decode(await ws.recv())
             mtype = msg.get("type")

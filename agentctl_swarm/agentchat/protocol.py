@@ -47,6 +47,13 @@ All facts below were read from the public source of ``tjamescouch/agentchat``
   type``, ``Unknown message type: X``, field errors).  The WebSocket layer has
   ``maxPayload`` 2 MiB: a bigger frame closes the connection with 1009.
 * Names: 1-32 of ``[A-Za-z0-9_-]``; channels ``#`` + 1-31 of the same.
+
+One extension of our own, used only where the server offers it (the real server
+does not): the embedded relay's WELCOME lists ``features: ["mute"]``, and then a
+JOIN may carry ``mute: [VERB, ...]`` (``MUTE_VERB_RE``, at most ``MAX_MUTED``):
+that member is no longer sent the channel's MSGs, live or replayed, whose
+content starts with ``VERB`` and a space, except its own, which are still
+echoed to it.  Each JOIN replaces the member's list; ``[]`` clears it.
 """
 from __future__ import annotations
 
@@ -57,6 +64,9 @@ from typing import Any
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 CHANNEL_RE = re.compile(r"#[A-Za-z0-9_-]{1,31}")
 MAX_FRAME_BYTES = 2 * 1024 * 1024
+FEATURE_MUTE = "mute"  # our relay's extension, advertised in WELCOME.features
+MUTE_VERB_RE = re.compile(r"[A-Z][A-Z_]{0,23}")
+MAX_MUTED = 8
 AUTH_PREFIX = "AGENTCHAT_AUTH"
 REAL_SERVER_RATE_LIMIT_S = 1.0
 
@@ -156,7 +166,9 @@ def validate_client(msg: dict[str, Any]) -> str | None:
     if mtype == IDENTIFY:
         return None if is_valid_name(msg.get("name")) else "Invalid agent name"
     if mtype in _CHANNEL_TYPES:
-        return None if is_valid_channel(msg.get("channel")) else "Invalid channel name"
+        if not is_valid_channel(msg.get("channel")):
+            return "Invalid channel name"
+        return _validate_mute(msg.get("mute")) if mtype == JOIN and "mute" in msg else None
     if mtype == MSG:
         return _validate_msg(msg)
     if mtype == VERIFY_IDENTITY:
@@ -164,6 +176,19 @@ def validate_client(msg: dict[str, Any]) -> str | None:
     if mtype in (PING, LIST_CHANNELS):
         return None
     return f"Unknown message type: {mtype}"
+
+
+def _validate_mute(mute: Any) -> str | None:
+    if (not isinstance(mute, list) or len(mute) > MAX_MUTED
+            or not all(isinstance(v, str) and MUTE_VERB_RE.fullmatch(v) for v in mute)):
+        return f"Invalid mute (a list of at most {MAX_MUTED} upper-case verbs)"
+    return None
+
+
+def first_word(content: str) -> str:
+    """The verb a line starts with, as ``mute`` matches it ("" if none)."""
+    head, space, _ = content.partition(" ")
+    return head if space else ""
 
 
 def _validate_msg(msg: dict[str, Any]) -> str | None:

@@ -12,6 +12,11 @@ differences, all to keep a 1000-daemon swarm cheap:
   (the supervisor's relay dies with it; its successor replays what was said);
   no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only with
   ``announce_presence=True`` (N joins would otherwise cost O(N²) frames);
+* the ``mute`` extension (see ``protocol``): WELCOME offers it, and a member that
+  JOINs with ``mute: ["HEARTBEAT"]`` (every daemon does) is not sent the others'
+  heartbeats. A swarm of N daemons each heartbeating to the channel would
+  otherwise cost N² deliveries per beat, which the daemons only drop: at N = 500
+  that was ~1.5 s of a 5 s start, and most of an idle 1000-daemon swarm's CPU;
 * ``lurk=True`` makes *every* identity lurk for ``lurk_s`` (the real server
   lurks identities first seen less than an hour ago).
 
@@ -112,7 +117,7 @@ class ChannelHistory:
     def __init__(self, path: Path | None = None, size: int = HISTORY) -> None:
         self.path, self.size = path, size
         self._texts: dict[str, collections.deque[str]] = {}
-        self._frames: dict[str, collections.deque[bytes]] = {}
+        self._frames: dict[str, collections.deque[tuple[str, bytes]]] = {}  # (verb, frame)
         self._fd: int | None = None
         self._lines = 0
         self._failed_at: float | None = None
@@ -120,12 +125,14 @@ class ChannelHistory:
             self._load(path)
             self._rewrite()
 
-    def frames(self, channel: str) -> collections.abc.Iterable[bytes]:
-        return self._frames.get(channel, ())
+    def frames(self, channel: str, mute: collections.abc.Container[str] = ()) -> list[bytes]:
+        """The replay frames of ``channel``, but those whose line starts with a ``mute`` verb."""
+        return [frame for verb, frame in self._frames.get(channel, ()) if verb not in mute]
 
-    def add(self, channel: str, text: str) -> None:
-        """Keep ``text`` (a MSG frame's JSON, replay flag included) for ``channel``."""
-        self._keep(channel, text)
+    def add(self, channel: str, text: str, verb: str = "") -> None:
+        """Keep ``text`` (a MSG frame's JSON, replay flag included) for ``channel``;
+        ``verb`` is the first word of its content (``protocol.first_word``)."""
+        self._keep(channel, text, verb)
         if self.path is None:
             return
         self._lines += 1
@@ -143,12 +150,12 @@ class ChannelHistory:
             os.close(self._fd)
             self._fd = None
 
-    def _keep(self, channel: str, text: str) -> None:
+    def _keep(self, channel: str, text: str, verb: str) -> None:
         if channel not in self._texts:
             self._texts[channel] = collections.deque(maxlen=self.size)
             self._frames[channel] = collections.deque(maxlen=self.size)
         self._texts[channel].append(text)
-        self._frames[channel].append(_ws.text_frame(text))
+        self._frames[channel].append((verb, _ws.text_frame(text)))
 
     def _load(self, path: Path) -> None:
         try:
@@ -164,8 +171,10 @@ class ChannelHistory:
                 channel = frame["to"]
             except (ValueError, TypeError, KeyError):
                 continue  # a line torn by a full disk or a kill mid-write
-            if isinstance(channel, str) and channel.startswith("#") and frame.get("type") == p.MSG:
-                self._keep(channel, raw.decode())
+            content = frame.get("content")
+            if (isinstance(channel, str) and channel.startswith("#") and frame.get("type") == p.MSG
+                    and isinstance(content, str)):
+                self._keep(channel, raw.decode(), p.first_word(content))
 
     def _rewrite(self) -> None:
         assert self.path is not None
@@ -194,7 +203,8 @@ class Relay:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, rate_limit: float = 1.0,
                  challenge_ttl_s: float = 60.0, lurk: bool = False, lurk_s: float = 3600.0,
                  announce_presence: bool = False, ping_interval: float | None = None,
-                 server_name: str = "agentctl-relay", history_file: Path | None = None) -> None:
+                 server_name: str = "agentctl-relay", history_file: Path | None = None,
+                 mute: bool = True) -> None:
         self.host, self.port = host, port
         self._interval = 1.0 / rate_limit if rate_limit > 0 else 0.0
         self._ttl = challenge_ttl_s
@@ -207,6 +217,9 @@ class Relay:
         self._by_id: dict[str, _Conn] = {}
         self._challenges: dict[str, _Conn] = {}
         self._channels: dict[str, dict[Any, _Conn]] = {}
+        # channel -> verb -> the members that muted it (the "mute" extension)
+        self._muted: dict[str, dict[str, set[Any]]] = {}
+        self._features = [p.FEATURE_MUTE] if mute else []
         # The last channel MSGs, replayed to a joiner flagged "replay": true as the real
         # server does, so a line sent just before someone (re)joins is not lost to them.
         self._history = ChannelHistory(history_file)
@@ -295,6 +308,7 @@ class Relay:
             members = self._channels.get(name)
             if members is not None:
                 members.pop(conn.ws, None)
+                self._set_mute(name, conn.ws, ())
                 self._announce(p.AGENT_LEFT, name, conn)
         conn.channels = set()
 
@@ -382,6 +396,8 @@ class Relay:
         welcome: dict[str, Any] = {"type": p.WELCOME, "agent_id": agent_id, "name": name,
                                    "server": self._server_name, "verified": False,
                                    "lurk": conn.lurk}
+        if self._features:
+            welcome["features"] = self._features
         if conn.lurk:
             welcome.update(lurk_until=conn.lurk_until, lurk_reason=LURK_REASON)
         self._send(conn, welcome)
@@ -429,11 +445,30 @@ class Relay:
             members[conn.ws] = conn
             conn.channels.add(name)
             self._announce(p.AGENT_JOINED, name, conn)
+        if "mute" in msg and self._features:
+            self._set_mute(name, conn.ws, msg["mute"])
         frags = ",".join(m.member_frag for m in members.values())
         text = (f'{{"type":"{p.JOINED}","ts":{_now_ms()},"channel":{json.dumps(name)},'
                 f'"agents":[{frags}]}}')
-        for frame in (_ws.text_frame(text), *self._history.frames(name)):
+        mute = [verb for verb, who in self._muted.get(name, {}).items() if conn.ws in who]
+        for frame in (_ws.text_frame(text), *self._history.frames(name, mute)):
             conn.ws.send_frame(frame, urgent=True)
+
+    def _set_mute(self, channel: str, ws: Any, verbs: collections.abc.Iterable[str]) -> None:
+        """Make ``verbs`` the lines ``ws`` is not sent on ``channel``."""
+        muted = self._muted.setdefault(channel, {})
+        wanted = set(verbs)
+        for verb in wanted - muted.keys():
+            muted[verb] = set()
+        for verb, who in list(muted.items()):
+            if verb in wanted:
+                who.add(ws)
+            else:
+                who.discard(ws)
+                if not who:
+                    del muted[verb]
+        if not muted:
+            del self._muted[channel]
 
     def _on_leave(self, conn: _Conn, msg: dict) -> None:
         if not self._identified(conn):
@@ -444,6 +479,7 @@ class Relay:
             return
         if members.pop(conn.ws, None) is not None:
             conn.channels.discard(name)
+            self._set_mute(name, conn.ws, ())
             self._announce(p.AGENT_LEFT, name, conn)
         self._send(conn, {"type": p.LEFT, "channel": name})
 
@@ -468,7 +504,11 @@ class Relay:
                          "from_name": conn.name, "to": to, "content": msg["content"],
                          "msg_id": f"{_now_ms()}-{next(self._msg_ids):x}", "verified": False})
         if to.startswith("#"):  # kept before anyone can see it
-            self._history.add(to, text[:-1] + ',"replay":true}')
+            verb = p.first_word(msg["content"])
+            self._history.add(to, text[:-1] + ',"replay":true}', verb)
+            deaf = self._muted.get(to, {}).get(verb)
+            if deaf:  # the sender still gets its echo
+                targets = [ws for ws in targets if ws not in deaf or ws is conn.ws]
         frame = _ws.text_frame(text)
         for ws in targets:
             ws.send_frame(frame)

@@ -297,3 +297,27 @@ async def test_two_hundred_clients_connect_identify_and_join() -> None:
     assert elapsed < 20
     await shutdown(clients, tasks)
     await relay.stop()
+
+
+@arun()
+async def test_ignore_heartbeats_asks_a_relay_that_offers_it_to_mute_them() -> None:
+    for offers in (True, False):  # False: a server without the extension, like the real one
+        relay = Relay(rate_limit=0, mute=offers)
+        await relay.start()
+        pd, pt = Probe(), Probe()
+        daemon = make_client(relay.url, "swarm-general-001", pd, send_interval=0.01,
+                             ignore_heartbeats=True)
+        talker = make_client(relay.url, "talker", pt, send_interval=0.01)
+        tasks = await running(daemon, talker)
+        assert bool(relay._muted) is offers
+        talker.send("#agents", "HEARTBEAT talker idle")
+        talker.send("#agents", "TASK t-1 any build it")
+        daemon.send("#agents", "HEARTBEAT swarm-general-001 idle")  # settles on its echo either way
+        await pd.until(lambda: pd.contents() == ["TASK t-1 any build it"])
+        await pt.until(lambda: pt.contents() == ["HEARTBEAT swarm-general-001 idle"])
+        await asyncio.sleep(0.1)
+        assert daemon.queued == 0 and pd.contents() == ["TASK t-1 any build it"]
+        fanned = relay.stats()["frames_fanned_out"]
+        assert fanned == (5 if offers else 6)  # muted: the talker's beat never went to the daemon
+        await shutdown([daemon, talker], tasks)
+        await relay.stop()

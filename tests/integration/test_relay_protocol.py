@@ -388,3 +388,88 @@ def test_relay_main_runs_writes_port_file_and_stops_on_sigterm(tmp_path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def muting_member(relay: Relay, name: str, channel: str, mute: list[str]):
+    ws, agent_id = await member(relay, name)
+    await send(ws, {"type": "JOIN", "channel": channel, "mute": mute})
+    joined = await recv(ws)
+    assert joined["type"] == "JOINED", joined
+    return ws, agent_id
+
+
+@arun
+async def test_mute_extension_spares_a_member_others_heartbeats_but_not_its_echo() -> None:
+    relay = await started(rate_limit=0)
+    ws = await raw(relay)
+    assert (await identify(ws, Identity.generate("probe")))["features"] == ["mute"]
+    await ws.close()
+    observer, _ = await member(relay, "observer", "#agents")
+    daemon, id_d = await muting_member(relay, "swarm-general-001", "#agents", ["HEARTBEAT"])
+    other, id_o = await muting_member(relay, "swarm-general-002", "#agents", ["HEARTBEAT"])
+    await send(other, {"type": "MSG", "to": "#agents", "content": "HEARTBEAT swarm-general-002 idle"})
+    assert (await recv(other))["content"].startswith("HEARTBEAT")  # its echo: it paces the sender
+    assert (await recv(observer))["from"] == id_o  # people and tools still see every beat
+    assert await nothing_within(daemon, 0.3)
+    # Only lines that start with the verb and a space are muted.
+    for content in ("TASK t-1 any build it", "HEARTBEATS are not heartbeats", "HEARTBEAT"):
+        await send(other, {"type": "MSG", "to": "#agents", "content": content})
+        assert (await recv(daemon))["content"] == content
+    # A later JOIN replaces the list: [] hears everything again.
+    await send(daemon, {"type": "JOIN", "channel": "#agents", "mute": []})
+    assert (await recv(daemon))["type"] == "JOINED"
+    await send(other, {"type": "MSG", "to": "#agents", "content": "HEARTBEAT swarm-general-002 idle"})
+    assert (await recv(daemon))["from"] == id_o
+    for w in (observer, daemon, other):
+        await w.close()
+    await relay.stop()
+
+
+@arun
+async def test_mute_applies_to_the_replay_and_ends_with_membership() -> None:
+    relay = await started(rate_limit=0)
+    talker, _ = await member(relay, "talker", "#agents")
+    for content in ("HEARTBEAT talker idle", "TASK t-1 any first", "HEARTBEAT talker idle"):
+        await send(talker, {"type": "MSG", "to": "#agents", "content": content})
+        await recv(talker)
+    muted, _ = await member(relay, "muted")
+    await send(muted, {"type": "JOIN", "channel": "#agents", "mute": ["HEARTBEAT"]})
+    assert (await recv(muted))["type"] == "JOINED"
+    replayed = await recv(muted)
+    assert (replayed["content"], replayed["replay"]) == ("TASK t-1 any first", True)
+    assert await nothing_within(muted, 0.2)
+    plain, _ = await member(relay, "plain")
+    await send(plain, {"type": "JOIN", "channel": "#agents"})
+    assert (await recv(plain))["type"] == "JOINED"
+    assert [(await recv(plain))["content"] for _ in range(3)][::2] == ["HEARTBEAT talker idle"] * 2
+    # Leaving forgets the list: rejoining without one hears heartbeats.
+    await send(muted, {"type": "LEAVE", "channel": "#agents"})
+    assert (await recv(muted))["type"] == "LEFT"
+    await send(muted, {"type": "JOIN", "channel": "#agents"})
+    assert (await recv(muted))["type"] == "JOINED"
+    assert [(await recv(muted))["content"] for _ in range(3)][0] == "HEARTBEAT talker idle"
+    assert relay._muted == {}
+    for w in (talker, muted, plain):
+        await w.close()
+    await relay.stop()
+
+
+@arun
+async def test_bad_mute_lists_are_refused_and_a_relay_without_the_extension_ignores_them() -> None:
+    relay = await started(rate_limit=0)
+    ws, _ = await member(relay, "alice")
+    for bad in ("HEARTBEAT", ["heartbeat"], ["HEART BEAT"], [1], ["A"] * 9):
+        await send(ws, {"type": "JOIN", "channel": "#agents", "mute": bad})
+        err = await recv(ws)
+        assert (err["type"], err["code"]) == ("ERROR", "INVALID_MSG"), bad
+    assert relay.stats()["channels"] == {}
+    await ws.close()
+    await relay.stop()
+    plain = await started(rate_limit=0, mute=False)  # as a real server: no "features"
+    ws = await raw(plain)
+    assert "features" not in await identify(ws, Identity.generate("bob"))
+    await send(ws, {"type": "JOIN", "channel": "#agents", "mute": ["HEARTBEAT"]})
+    assert (await recv(ws))["type"] == "JOINED"
+    assert plain._muted == {}
+    await ws.close()
+    await plain.stop()
