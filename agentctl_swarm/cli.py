@@ -96,13 +96,16 @@ def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
         # so that its ~0.2 s preload overlaps loading the config and importing the
         # supervisor; with "spawn: exec" or a bad config it is killed at once.
         from . import forkserver as forkserver_module
-        prestarted = forkserver_module.prestart()
+        try:
+            prestarted = forkserver_module.prestart()
+        except OSError:  # no fork now (EAGAIN): the supervisor starts it later, or execs daemons
+            prestarted = None
         config = load_config(args.config)
         forkserver = None
-        if config.spawn == "fork-server":
+        if prestarted is not None and config.spawn == "fork-server":
             from .spawner import adopt_forkserver
             forkserver = adopt_forkserver(*prestarted)
-        else:
+        elif prestarted is not None:
             _discard_forkserver(*prestarted)
         prestarted = None
         from .supervisor import run_supervisor

@@ -139,9 +139,10 @@ def pagemap_report(pid: int) -> None:
         code = getattr(obj, "__code__", None)
         if code is not None and id(code) not in seen:
             todo.append(code)
-    private, with_objects = 0, Counter()
+    import ctypes
+    private, with_objects, same = 0, Counter(), 0
     holders: Counter[str] = Counter()
-    with open(f"/proc/{pid}/pagemap", "rb") as fh:
+    with open(f"/proc/{pid}/pagemap", "rb") as fh, open(f"/proc/{pid}/mem", "rb") as mem:
         for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
             fields = line.split()
             if (fields[5] if len(fields) > 5 else "[anon]") not in ("[anon]", "[heap]"):
@@ -152,13 +153,34 @@ def pagemap_report(pid: int) -> None:
             for i, (entry,) in enumerate(struct.iter_unpack("<Q", data)):
                 if entry >> 63 and (entry >> 56) & 1:
                     private += 1
+                    addr = lo + i * 4096
+                    mem.seek(addr)  # copied, yet byte for byte what we (the parent) hold now?
+                    same += mem.read(4096) == ctypes.string_at(addr, 4096)
                     types = pages.get((lo >> 12) + i)
                     with_objects["holds parent objects" if types else "no parent object"] += 1
                     holders.update(set(types or ()))
     print(f"private [anon]/[heap] pages of one idle daemon: {private} ({dict(with_objects)}); "
-          f"parent objects walked: {len(seen)}")
+          f"parent objects walked: {len(seen)}; identical to the parent's page: {same} "
+          "(written only by reference counts that came back, or rewritten with the same bytes)")
     for name, n in holders.most_common(12):
         print(f"  {n:6d} pages hold a {name}")
+
+
+def floor_report() -> None:
+    """USS of children of this preloaded image that run (almost) nothing: the floor."""
+    steps = {"sleep only": "pass",
+             "an asyncio event loop": "import asyncio; loop = asyncio.new_event_loop()",
+             "asyncio.run(sleep(0))": "import asyncio; asyncio.run(asyncio.sleep(0))"}
+    for label, code in steps.items():
+        pid = os.fork()
+        if pid == 0:
+            exec(code)  # noqa: S102 - fixed snippets above
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(1.0)
+        print(f"floor: a forked child that runs {label}: USS {uss_kb(pid) / 1024:.2f} MB")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def main() -> int:
@@ -168,6 +190,8 @@ def main() -> int:
     parser.add_argument("--tracemalloc", action="store_true", help="tracemalloc in the first daemon")
     parser.add_argument("--pagemap", action="store_true",
                         help="which parent objects lie on an idle daemon's private pages (root)")
+    parser.add_argument("--floor", action="store_true",
+                        help="USS of forked children that only sleep / make an event loop")
     args = parser.parse_args()
     mode = "cprofile" if args.cprofile else "tracemalloc" if args.tracemalloc else "plain"
     work = Path(tempfile.mkdtemp(prefix="profile-daemon-"))
@@ -177,6 +201,8 @@ def main() -> int:
     forkserver.preload()
     print(f"preload (imports + warm-up + gc.freeze): {time.perf_counter() - t0:.3f} s, "
           f"parent USS {uss_kb(os.getpid()) / 1024:.1f} MB")
+    if args.floor:
+        floor_report()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     kids: list[tuple[int, socket.socket]] = []
     phases: dict[str, list[float]] = {"fork_ms": [], "hello_ms": [], "ready_ms": []}
