@@ -61,6 +61,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "secrets": [],
     "coordinator": "builtin",
     "spawn": "fork-server",
+    "merge-pages": False,
     "sandbox": "auto",
     "sandbox-allow-read": [],
     "quota-probe-interval": "5m",
@@ -230,6 +231,7 @@ class SwarmConfig:
     secrets: tuple[Secret, ...]
     coordinator: str
     spawn: str
+    merge_pages: bool
     sandbox: str
     sandbox_allow_read: tuple[Path, ...]
     quota_probe_interval: float
@@ -607,6 +609,7 @@ CHECKS: Mapping[str, Check] = MappingProxyType({
     "secrets": _secrets,
     "coordinator": _choice(*COORDINATORS),
     "spawn": _choice(*SPAWN_MODES),
+    "merge-pages": _bool,
     "sandbox": _choice(*SANDBOXES),
     "sandbox-allow-read": _paths,
     "quota-probe-interval": _duration,

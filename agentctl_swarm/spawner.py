@@ -64,6 +64,7 @@ class LaunchPlan:
     sandbox: dict[str, Any] | None = None  # {"kind": "landlock", "policy": {...}}
     cwd: str | None = None
     env: dict[str, str] | None = None
+    merge_pages: bool | None = None  # KSM for this child and what it execs; None: as the parent
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -91,6 +92,8 @@ def apply_in_child(plan: LaunchPlan) -> None:
         if plan.cgroup is not None:
             from .system import cgroups
             cgroups.join_spec(plan.cgroup)
+        if plan.merge_pages is not None:
+            proc.set_memory_merge(plan.merge_pages)  # best effort: no KSM, no merging
         if plan.sandbox is not None:
             from .isolation import apply_sandbox_spec
             apply_sandbox_spec(plan.sandbox)

@@ -175,6 +175,17 @@ class Supervisor:
         self.sweep_workspaces()
         log.info("swarm starting: %d daemons, relay %s, spawn %s", len(self.slots), self.relay_url,
                  self.config.spawn, extra=log_fields(event="start"))
+        self._log_merge_pages()
+
+    def _log_merge_pages(self) -> None:
+        if not self.config.merge_pages:
+            return
+        if proc.ksm_running():
+            log.info("merge-pages: daemons offer their memory to KSM (ksmd merges identical pages)",
+                     extra=log_fields(event="start"))
+        else:
+            log.warning("merge-pages is on, but KSM is not running (%s is not 1; root can enable it): "
+                        "no pages will be merged", proc.KSM_RUN, extra=log_fields(event="start"))
 
     def _cgroup_name(self) -> str:
         """Stable per swarm home, so a restart cleans what a crashed run left, and two swarms
@@ -393,7 +404,8 @@ class Supervisor:
         # RLIMIT_AS is for the agent session (the task runner applies it): on the daemon itself
         # its interpreter, thread stacks and malloc arenas would use the limit up.
         joined = cgroup if cgroup and cgroup.get("enforcement") != "rlimit" else None
-        plan = LaunchPlan(name=slot.name, cgroup=joined)
+        plan = LaunchPlan(name=slot.name, cgroup=joined,
+                          merge_pages=True if self.config.merge_pages else None)
         slot.status, slot.connected = SlotStatus.STARTING, False
         await self.spawner.gate.enter(slot.name)
         slot.spawn_began = time.monotonic()
@@ -757,6 +769,7 @@ class Supervisor:
             "ready": self.ready_sent, "relay_pid": self.relay_pid,
             "forkserver_pid": self.spawner.forkserver.pid if self.spawner.forkserver else None,
             "forkserver_ready": bool(self.spawner.forkserver and self.spawner.forkserver.alive),
+            "merge_pages": {"configured": self.config.merge_pages, "ksm_running": proc.ksm_running()},
         }, "agents": agents}
 
     def _cgroup_usage(self, slot: Slot) -> float | None:

@@ -94,8 +94,11 @@ class TaskRunner:
                                  tmpdir=spec.tmp_dir, grants=_read_grants(boot.get("grants", [])),
                                  extra=boot.get("agent_env", {}))
         argv = list(boot["agent_command"]) + [self.prompt]
+        # merge_pages=False: a daemon's KSM opt-in (merge-pages) survives exec, and a session,
+        # where a model runs code, must not share pages with anything (dedup side channels).
         plan = LaunchPlan(name=f"{spec.name}/{self.task_id}", supervisor_pid=os.getpid(),
-                          new_session=False, sandbox=sandbox, cgroup=_session_limit(boot.get("cgroup")))
+                          new_session=False, sandbox=sandbox, cgroup=_session_limit(boot.get("cgroup")),
+                          merge_pages=False)
         if plan.sandbox and plan.sandbox.get("kind") == "bwrap":
             from .isolation import bwrap_argv_from_spec
             argv = bwrap_argv_from_spec(plan.sandbox, argv, cwd=str(spec.root))

@@ -48,6 +48,8 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
+PR_SET_MEMORY_MERGE = 67  # Linux 6.4
+KSM_RUN = Path("/sys/kernel/mm/ksm/run")
 
 #: Key of the unified (cgroup v2) hierarchy in :func:`process_cgroup`'s result.
 UNIFIED = ""
@@ -120,6 +122,27 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
 def set_child_subreaper(on: bool = True) -> None:
     """Make orphaned descendants reparent to us instead of to init."""
     _prctl(PR_SET_CHILD_SUBREAPER, int(on))
+
+
+def set_memory_merge(on: bool) -> bool:
+    """Offer all of this process's memory to kernel same-page merging (KSM), or stop.
+
+    Kept across fork and execve. Whether pages are ever merged is the
+    administrator's choice (``KSM_RUN``). False where the kernel has no such prctl
+    (before 6.4, or built without KSM)."""
+    try:
+        _prctl(PR_SET_MEMORY_MERGE, int(on))
+    except OSError:
+        return False
+    return True
+
+
+def ksm_running() -> bool:
+    """Whether ksmd merges pages on this machine (``/sys/kernel/mm/ksm/run`` is 1)."""
+    try:
+        return KSM_RUN.read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def get_child_subreaper() -> bool:

@@ -309,7 +309,12 @@ def do_env(run):
     names = sorted(os.environ)
     auth = {k: k in os.environ for k in
             ("CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")}
-    dump = json.dumps({"names": names, "auth": auth}, sort_keys=True)
+    try:  # Linux 6.4+: whether this process offers its pages to KSM
+        with open("/proc/self/ksm_stat") as f:
+            ksm = "ksm_merge_any: yes" in f.read()
+    except OSError:
+        ksm = None
+    dump = json.dumps({"names": names, "auth": auth, "ksm_merge_any": ksm}, sort_keys=True)
     with open("fake-env.json", "w") as f:
         f.write(dump)
     run.assistant([{"type": "text", "text": dump}])

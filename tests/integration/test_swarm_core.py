@@ -272,3 +272,29 @@ def test_roles_and_count_override(tmp_path: Path) -> None:
         assert names == ["swarm-builder-001", "swarm-builder-002", "swarm-general-001",
                          "swarm-general-002", "swarm-qa-001"]
         assert swarm.agents()["swarm-qa-001"]["role"] == "qa"
+
+
+def _ksm_merge_any(pid: int) -> bool:
+    return "ksm_merge_any: yes" in Path(f"/proc/{pid}/ksm_stat").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/ksm_stat").exists(),
+                    reason="no /proc/PID/ksm_stat here (Linux < 6.4 or built without KSM)")
+def test_merge_pages_offers_daemons_to_ksm_but_never_sessions(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with Swarm(home, base_config(count=2, **{"merge-pages": True, "workspace-base": str(home / "ws")})) as swarm:
+        swarm.start()
+        status = swarm.status()
+        ksm_on = Path("/sys/kernel/mm/ksm/run").read_text().strip() == "1"
+        assert status["supervisor"]["merge_pages"] == {"configured": True, "ksm_running": ksm_on}
+        assert all(_ksm_merge_any(a["pid"]) for a in status["agents"])
+        assert not _ksm_merge_any(status["supervisor"]["pid"])  # only daemons opt in
+        log = (home / ".agentctl" / "logs" / "supervisor.log").read_text()
+        assert ("KSM is not running" in log) is not ksm_on
+        swarm.add_task("report env [fake:env]", "env-1")
+        agent = swarm.wait_tasks(["env-1"])["env-1"]["agent"]
+        dump = json.loads((home / "ws" / agent / "fake-env.json").read_text())
+        assert dump["ksm_merge_any"] is False, "an agent session inherited the daemon's KSM opt-in"
+    with Swarm(tmp_path / "home2", base_config(count=1)) as plain:
+        plain.start()
+        assert not any(_ksm_merge_any(a["pid"]) for a in plain.status()["agents"])

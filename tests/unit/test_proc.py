@@ -206,3 +206,40 @@ def test_process_cgroup_matches_the_kernel_file() -> None:
         child.kill()
         child.wait()
     assert proc.process_cgroup(child.pid) == {}
+
+
+def _merge_any(pid: int | str = "self") -> bool:
+    return "ksm_merge_any: yes" in open(f"/proc/{pid}/ksm_stat").read()
+
+
+KSM_PRCTL = os.path.exists("/proc/self/ksm_stat") and _in_fork(lambda fd: proc.set_memory_merge(True))
+
+
+@pytest.mark.skipif(not KSM_PRCTL, reason="no PR_SET_MEMORY_MERGE or /proc/PID/ksm_stat (Linux < 6.4 or no KSM)")
+def test_memory_merge_is_set_per_launch_plan_and_survives_exec_only_as_asked() -> None:
+    """A daemon's opt-in is inherited across fork and exec; a plan with merge_pages=False
+    (every agent session's) takes it away again before the exec."""
+    from agentctl_swarm.spawner import LaunchPlan, apply_in_child
+
+    def child(merge: bool | None) -> str:
+        def body(fd: int) -> str:
+            proc.set_memory_merge(True)  # as a daemon with merge-pages: true
+            out_r, out_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.dup2(out_w, 1)
+                apply_in_child(LaunchPlan(name="t", new_session=False, merge_pages=merge,
+                                          keep_fds=(1,)))
+                os.execv("/bin/cat", ["cat", "/proc/self/ksm_stat"])
+            os.close(out_w)
+            with os.fdopen(out_r) as pipe:
+                text = pipe.read()
+            os.waitpid(pid, 0)
+            return text
+        return str(_in_fork(body))
+
+    assert "ksm_merge_any: yes" in child(None)  # inherited as is
+    assert "ksm_merge_any: yes" in child(True)
+    assert "ksm_merge_any: no" in child(False)
+    assert not _merge_any()  # this test process never asked
+
