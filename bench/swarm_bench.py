@@ -261,12 +261,14 @@ class Run:
     t_launch: float = 0.0
     ready_timeout: float = 60.0
     notes: list[str] = field(default_factory=list)
+    extra_config: dict[str, Any] = field(default_factory=dict)
 
     def config(self, **more: Any) -> dict[str, Any]:
         cfg: dict[str, Any] = {"count": self.count, "spawn": self.mode,
                                "agentchat": {"server": self.relay.url if self.relay else "embedded"},
                                "agent": {"command": fake_agent_command()},
                                "shutdown-grace": "5s"}
+        cfg.update(self.extra_config)
         cfg.update(more)
         return cfg
 
@@ -493,6 +495,8 @@ class Options:
     ready_timeout: float
     rep_offset: int = 0
     scratch: str | None = None
+    ksm_seconds: float = 0.0
+    ksm_scans: tuple[int, ...] = ()
 
 
 def bench_size(mode: str, n: int, rep: int, opts: Options, base: Path) -> dict[str, Any]:
@@ -535,6 +539,59 @@ def _scenario(row: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
         row.setdefault("scenario_errors", []).append(f"{key}: {type(exc).__name__}: {exc}")
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def _ksmd_seconds() -> float:
+    """CPU time of the kernel's ksmd thread so far (schedstat), 0 if there is none."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "ksmd":
+                return cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    return 0.0
+
+
+def bench_ksm(n: int, seconds: float, scan: int, base: Path) -> dict[str, Any]:
+    """``merge-pages: true`` with KSM switched on at ``scan`` pages per 20 ms: the idle
+    daemons' USS/PSS and ksmd's CPU at intervals over ``seconds``. Needs root; the
+    machine's KSM settings are restored (and every merged page unmerged) afterwards."""
+    row: dict[str, Any] = {"mode": f"ksm-{scan}", "n": n, "rep": 0, "samples": []}
+    knobs = ("run", "pages_to_scan", "sleep_millisecs")
+    try:
+        saved = {k: (KSM / k).read_text().strip() for k in knobs}
+        (KSM / "pages_to_scan").write_text(str(scan))
+        (KSM / "sleep_millisecs").write_text("20")
+        (KSM / "run").write_text("1")
+    except OSError as exc:
+        row["error"] = f"KSM cannot be switched on here ({exc}); run as root on Linux 6.4+"
+        return row
+    run = Run("fork-server", n, base, ready_timeout=max(60.0, n * 0.5),
+              extra_config={"merge-pages": True})
+    try:
+        row["ready_s"] = run.start()
+        t0, c0 = time.monotonic(), _ksmd_seconds()
+        for at in [t for t in (10, 30, 60, 120, 180, 300, 600) if t < seconds] + [seconds]:
+            time.sleep(max(0.0, at - (time.monotonic() - t0)))
+            mem = run.memory()
+            elapsed = time.monotonic() - t0
+            row["samples"].append({
+                "t_s": round(elapsed), "uss_mb": mem["uss_mb"], "pss_mb": mem["pss_mb"],
+                "total_pss_mb": mem["total_pss_mb"],
+                "ksmd_pct": 100.0 * (_ksmd_seconds() - c0) / elapsed,
+                "pages_sharing": int((KSM / "pages_sharing").read_text())})
+            print(f"    ksm {scan}: {json.dumps(row['samples'][-1])}", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        run.stop()
+        (KSM / "run").write_text("2")  # unmerge everything, then as it was
+        for k in ("pages_to_scan", "sleep_millisecs", "run"):
+            (KSM / k).write_text(saved[k])
+    return row
+
+
 def bench_peer(n: int, rep: int) -> dict[str, Any]:
     from supervisord_peer import PeerUnavailable, ensure_venv, run_peer
     row: dict[str, Any] = {"mode": "supervisord", "n": n, "rep": rep}
@@ -564,6 +621,12 @@ def run_all(opts: Options, out: Path | None) -> list[dict[str, Any]]:
                 rows.append(row)
                 if out:
                     out.write_text(json.dumps(rows, indent=1))
+    for scan in opts.ksm_scans if opts.ksm_seconds else ():
+        print(f"[{time.strftime('%H:%M:%S')}] merge-pages, KSM at {scan} pages per 20 ms, N=100, "
+              f"{opts.ksm_seconds:.0f} s", file=sys.stderr, flush=True)
+        rows.append(bench_ksm(100, opts.ksm_seconds, scan, base))
+        if out:
+            out.write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -638,6 +701,14 @@ def table(rows: list[dict[str, Any]], opts: Options) -> str:
                   f"idle CPU supervisor {fmt(med(rows, 'fork-server', b, 'cpu_supervisor_pct'), 3)} %, "
                   f"daemons {fmt(med(rows, 'fork-server', b, 'cpu_daemons_pct'), 3)} %, "
                   f"relay {fmt(med(rows, 'fork-server', b, 'cpu_relay_pct'), 3)} %"]
+    ksm = [r for r in rows if r["mode"].startswith("ksm-") and r.get("samples")]
+    if ksm:
+        lines += ["", "## merge-pages: true, KSM on, 100 idle daemons (one run per scan rate)", "",
+                  "| pages_to_scan (per 20 ms) | t (s) | USS / PSS per daemon (MB) | total PSS (MB) "
+                  "| ksmd, % of a core | pages sharing |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['mode'][4:]} | {s['t_s']} | {s['uss_mb']:.2f} / {s['pss_mb']:.2f} "
+                  f"| {s['total_pss_mb']:.0f} | {s['ksmd_pct']:.1f} | {s['pages_sharing']} |"
+                  for r in ksm for s in r["samples"]]
     errors = [f"- {r['mode']} N={r['n']} rep {r['rep'] + 1}: {r['error'].splitlines()[0]}"
               for r in rows if "error" in r]
     errors += [f"- {r['mode']} N={r['n']} rep {r['rep'] + 1}: {e}"
@@ -672,6 +743,11 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
                         help="number the repetitions from here (>0 skips the CPU/recovery scenarios, "
                              "which run on repetition 0 only): to add repetitions to an earlier run")
     parser.add_argument("--out", type=Path, help="also write every row as JSON here")
+    parser.add_argument("--ksm", type=float, default=0.0, metavar="SECONDS",
+                        help="also run 100 daemons with merge-pages: true and KSM on (root), "
+                             "sampling USS/PSS and ksmd's CPU for SECONDS")
+    parser.add_argument("--ksm-scan", default="100,2000",
+                        help="KSM pages_to_scan values to try (per 20 ms; the kernel default is 100)")
     parser.add_argument("--scratch", default=default_scratch(),
                         help="where the swarms' HOMEs go (default: /dev/shm, a tmpfs, if present)")
     args = parser.parse_args(argv)
@@ -683,7 +759,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
                    cpu_window=20.0 if args.quick else 60.0,
                    kills=10 if args.quick else 20, quick=args.quick,
                    ready_timeout=args.ready_timeout, rep_offset=args.rep_offset,
-                   scratch=args.scratch), args.out
+                   scratch=args.scratch, ksm_seconds=args.ksm,
+                   ksm_scans=tuple(int(s) for s in args.ksm_scan.split(",") if s)), args.out
 
 
 def default_scratch() -> str | None:
