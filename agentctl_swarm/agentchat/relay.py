@@ -8,6 +8,8 @@ differences, all to keep a 1000-daemon swarm cheap:
 * a valid channel is created by the first JOIN (the real server has a fixed
   preset list and says CHANNEL_NOT_FOUND for others);
 * a replay of the last HISTORY channel MSGs to each joiner (``replay: true``),
+  HEARTBEAT lines not counted (with more than HISTORY daemons one round of beats
+  would push every TASK out of it before a returning coordinator could see it),
   kept in ``history_file`` when one is given, so it outlives the relay process
   (the supervisor's relay dies with it; its successor replays what was said);
   no ``@server`` welcome MSG, and AGENT_JOINED/AGENT_LEFT only with
@@ -66,6 +68,7 @@ from agentctl_swarm.state import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 HISTORY = 50  # channel MSGs replayed to a joiner
+UNREPLAYED = frozenset({"HEARTBEAT"})  # verbs never kept for replay: stale at once, and many
 CORK_S = 0.02  # under a stream of MSGs, fan-out writes leave at most every 20 ms
 
 LURK_REASON = "New identities must wait 1 hour before sending messages."
@@ -505,7 +508,8 @@ class Relay:
                          "msg_id": f"{_now_ms()}-{next(self._msg_ids):x}", "verified": False})
         if to.startswith("#"):  # kept before anyone can see it
             verb = p.first_word(msg["content"])
-            self._history.add(to, text[:-1] + ',"replay":true}', verb)
+            if verb not in UNREPLAYED:
+                self._history.add(to, text[:-1] + ',"replay":true}', verb)
             deaf = self._muted.get(to, {}).get(verb)
             if deaf:  # the sender still gets its echo
                 targets = [ws for ws in targets if ws not in deaf or ws is conn.ws]

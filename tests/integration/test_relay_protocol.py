@@ -429,11 +429,11 @@ async def test_mute_extension_spares_a_member_others_heartbeats_but_not_its_echo
 async def test_mute_applies_to_the_replay_and_ends_with_membership() -> None:
     relay = await started(rate_limit=0)
     talker, _ = await member(relay, "talker", "#agents")
-    for content in ("HEARTBEAT talker idle", "TASK t-1 any first", "HEARTBEAT talker idle"):
+    for content in ("STATUS t-0 working", "TASK t-1 any first", "STATUS t-0 still"):
         await send(talker, {"type": "MSG", "to": "#agents", "content": content})
         await recv(talker)
     muted, _ = await member(relay, "muted")
-    await send(muted, {"type": "JOIN", "channel": "#agents", "mute": ["HEARTBEAT"]})
+    await send(muted, {"type": "JOIN", "channel": "#agents", "mute": ["STATUS"]})
     assert (await recv(muted))["type"] == "JOINED"
     replayed = await recv(muted)
     assert (replayed["content"], replayed["replay"]) == ("TASK t-1 any first", True)
@@ -441,13 +441,13 @@ async def test_mute_applies_to_the_replay_and_ends_with_membership() -> None:
     plain, _ = await member(relay, "plain")
     await send(plain, {"type": "JOIN", "channel": "#agents"})
     assert (await recv(plain))["type"] == "JOINED"
-    assert [(await recv(plain))["content"] for _ in range(3)][::2] == ["HEARTBEAT talker idle"] * 2
-    # Leaving forgets the list: rejoining without one hears heartbeats.
+    assert [(await recv(plain))["content"] for _ in range(3)][::2] == ["STATUS t-0 working", "STATUS t-0 still"]
+    # Leaving forgets the list: rejoining without one hears STATUS lines again.
     await send(muted, {"type": "LEAVE", "channel": "#agents"})
     assert (await recv(muted))["type"] == "LEFT"
     await send(muted, {"type": "JOIN", "channel": "#agents"})
     assert (await recv(muted))["type"] == "JOINED"
-    assert [(await recv(muted))["content"] for _ in range(3)][0] == "HEARTBEAT talker idle"
+    assert [(await recv(muted))["content"] for _ in range(3)][0] == "STATUS t-0 working"
     assert relay._muted == {}
     for w in (talker, muted, plain):
         await w.close()
@@ -473,3 +473,26 @@ async def test_bad_mute_lists_are_refused_and_a_relay_without_the_extension_igno
     assert plain._muted == {}
     await ws.close()
     await plain.stop()
+
+
+@arun
+async def test_heartbeats_are_not_kept_for_replay_so_a_task_outlives_a_round_of_them() -> None:
+    relay = await started(rate_limit=0)
+    poster, _ = await member(relay, "poster", "#agents")
+    await send(poster, {"type": "MSG", "to": "#agents", "content": "TASK t-1 any do it"})
+    await recv(poster)
+    daemon, _ = await member(relay, "swarm-general-001", "#agents")
+    assert (await recv(daemon))["content"] == "TASK t-1 any do it"  # its own replay
+    for i in range(60):  # more lines than the history holds
+        await send(daemon, {"type": "MSG", "to": "#agents", "content": f"HEARTBEAT swarm-general-001 idle {i}"})
+    for i in range(60):
+        assert (await recv(daemon))["content"].endswith(f" {i}")  # each reached the relay
+    late, _ = await member(relay, "coordinator")
+    await send(late, {"type": "JOIN", "channel": "#agents"})
+    assert (await recv(late))["type"] == "JOINED"
+    replayed = await recv(late)
+    assert (replayed["content"], replayed["replay"]) == ("TASK t-1 any do it", True)
+    assert await nothing_within(late, 0.2)
+    for ws in (poster, late, daemon):
+        await ws.close()
+    await relay.stop()
