@@ -99,12 +99,12 @@ def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
         try:
             prestarted = forkserver_module.prestart()
         except OSError:  # no fork now (EAGAIN): the supervisor starts it later, or execs daemons
-            prestarted = None
+            pass
         config = load_config(args.config)
         forkserver = None
         if prestarted is not None and config.spawn == "fork-server":
-            from .spawner import adopt_forkserver
-            forkserver = adopt_forkserver(*prestarted)
+            from .spawner import ForkServerClient
+            forkserver = ForkServerClient.adopt(*prestarted)
         elif prestarted is not None:
             _discard_forkserver(*prestarted)
         prestarted = None

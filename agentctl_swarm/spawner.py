@@ -167,6 +167,16 @@ class ForkServerClient:
         self._ready: asyncio.Future[None] | None = None
         self._slots = asyncio.Semaphore(FORKSERVER_IN_FLIGHT)
 
+    @classmethod
+    def adopt(cls, pid: int, sock: socket.socket) -> "ForkServerClient":
+        """The client for a fork-server this process forked itself (``forkserver.prestart``)
+        before it had an event loop; the supervisor attaches it to its loop
+        (``Supervisor.start_forkserver``). Should the supervisor never get that far, the
+        fork-server dies with it (PDEATHSIG) or exits on the closed socket."""
+        client = cls(os.getpid())
+        client.pid, client._sock = pid, sock
+        return client
+
     @property
     def alive(self) -> bool:
         return self._sock is not None and self._ready is not None and self._ready.done() \
@@ -292,16 +302,6 @@ class ForkServerClient:
 
 def forkserver_plan(supervisor_pid: int, cgroup: dict[str, Any] | None = None) -> LaunchPlan:
     return LaunchPlan(name="fork-server", supervisor_pid=supervisor_pid, cgroup=cgroup)
-
-
-def adopt_forkserver(pid: int, sock: socket.socket) -> ForkServerClient:
-    """The client for a fork-server this process forked itself (``forkserver.prestart``)
-    before it had an event loop; the supervisor attaches it to its loop
-    (``Supervisor.start_forkserver``). Should the supervisor never get that far, the
-    fork-server dies with it (PDEATHSIG) or exits on the closed socket."""
-    client = ForkServerClient(os.getpid())
-    client.pid, client._sock = pid, sock
-    return client
 
 
 class BootGate:

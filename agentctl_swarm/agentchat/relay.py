@@ -461,15 +461,11 @@ class Relay:
         """Make ``verbs`` the lines ``ws`` is not sent on ``channel``."""
         muted = self._muted.setdefault(channel, {})
         wanted = set(verbs)
-        for verb in wanted - muted.keys():
-            muted[verb] = set()
-        for verb, who in list(muted.items()):
-            if verb in wanted:
-                who.add(ws)
-            else:
-                who.discard(ws)
-                if not who:
-                    del muted[verb]
+        for verb in wanted | muted.keys():
+            who = muted.setdefault(verb, set())
+            (who.add if verb in wanted else who.discard)(ws)
+            if not who:
+                del muted[verb]
         if not muted:
             del self._muted[channel]
 

@@ -432,15 +432,11 @@ async def test_mute_applies_to_the_replay_and_ends_with_membership() -> None:
     for content in ("STATUS t-0 working", "TASK t-1 any first", "STATUS t-0 still"):
         await send(talker, {"type": "MSG", "to": "#agents", "content": content})
         await recv(talker)
-    muted, _ = await member(relay, "muted")
-    await send(muted, {"type": "JOIN", "channel": "#agents", "mute": ["STATUS"]})
-    assert (await recv(muted))["type"] == "JOINED"
+    muted, _ = await muting_member(relay, "muted", "#agents", ["STATUS"])
     replayed = await recv(muted)
     assert (replayed["content"], replayed["replay"]) == ("TASK t-1 any first", True)
     assert await nothing_within(muted, 0.2)
-    plain, _ = await member(relay, "plain")
-    await send(plain, {"type": "JOIN", "channel": "#agents"})
-    assert (await recv(plain))["type"] == "JOINED"
+    plain, _ = await member(relay, "plain", "#agents")
     assert [(await recv(plain))["content"] for _ in range(3)][::2] == ["STATUS t-0 working", "STATUS t-0 still"]
     # Leaving forgets the list: rejoining without one hears STATUS lines again.
     await send(muted, {"type": "LEAVE", "channel": "#agents"})
@@ -487,9 +483,7 @@ async def test_heartbeats_are_not_kept_for_replay_so_a_task_outlives_a_round_of_
         await send(daemon, {"type": "MSG", "to": "#agents", "content": f"HEARTBEAT swarm-general-001 idle {i}"})
     for i in range(60):
         assert (await recv(daemon))["content"].endswith(f" {i}")  # each reached the relay
-    late, _ = await member(relay, "coordinator")
-    await send(late, {"type": "JOIN", "channel": "#agents"})
-    assert (await recv(late))["type"] == "JOINED"
+    late, _ = await member(relay, "coordinator", "#agents")
     replayed = await recv(late)
     assert (replayed["content"], replayed["replay"]) == ("TASK t-1 any do it", True)
     assert await nothing_within(late, 0.2)

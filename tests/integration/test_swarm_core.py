@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agentctl_swarm.system import proc
 from tests.swarmlib import AGENTCTL, Swarm, alive, base_config, swarm_processes
 
 
@@ -215,11 +216,10 @@ def test_heartbeat_misses_declare_dead(tmp_path: Path) -> None:
 def _children(pid: int) -> list[tuple[int, str, bytes]]:
     """(pid, state, cmdline) of every child of ``pid``, zombies included."""
     found = []
-    for entry in Path("/proc").iterdir():
+    for child in proc.children_of(pid):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if entry.name.isdigit() and int(fields[1]) == pid:
-                found.append((int(entry.name), fields[0], (entry / "cmdline").read_bytes()))
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            found.append((child, state, Path(f"/proc/{child}/cmdline").read_bytes()))
         except OSError:
             continue
     return found
