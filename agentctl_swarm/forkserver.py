@@ -31,6 +31,8 @@ with the supervisor (PDEATHSIG).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import gc
 import json
 import os
@@ -38,6 +40,8 @@ import re
 import signal
 import socket
 import sys
+from types import CodeType, FunctionType
+from typing import Any, Callable, Iterator
 
 from .system import proc
 
@@ -51,10 +55,124 @@ def preload(rehearse: bool = True) -> None:
     from . import daemon
     daemon.preload()
     if rehearse:
-        daemon.rehearse()
+        hot = hot_code(lambda: daemon.rehearse(1))
+        gc.collect()
+        fill_free_blocks()  # so that the copies below are packed on fresh pages
+        pack_code(hot)
+        daemon.rehearse(1)  # warm the copies: the bytecode daemons will run
     gc.collect()
     fill_free_blocks()
+    AT_FORK.find()
     gc.freeze()
+
+
+def hot_code(run: Callable[[], object]) -> set[CodeType]:
+    """The code objects of every Python function ``run()`` calls (cProfile's record)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        run()
+    finally:
+        prof.disable()
+    return {entry.code for entry in prof.getstats() if isinstance(entry.code, CodeType)}
+
+
+_PACKED: dict[CodeType, CodeType] = {}  # original -> copy; the originals are kept, see pack_code
+
+
+def pack_code(hot: set[CodeType]) -> int:
+    """Give every function whose code is in ``hot`` a fresh copy of that code.
+
+    Calling a function writes to its code object (reference counts, and the
+    specialising interpreter's counters in the bytecode), and that write copies
+    the whole 4 kB page into the daemon. The daemon's ~700 functions are spread
+    over thousands of pages among the code of everything else that was
+    imported; copied here, one after another onto fresh pages, they share few
+    (median idle USS at N = 100: about 0.5 MB less). Hot nested code (lambdas,
+    comprehensions, inner functions) is copied with its outer code. The
+    originals are kept alive: freed, they would leave holes that a daemon's
+    first allocations fill, copying those pages instead. Returns the number of
+    functions repointed."""
+    def copy(code: CodeType) -> CodeType:
+        if code not in _PACKED:
+            consts = tuple(copy(c) if isinstance(c, CodeType) and c in hot else c
+                           for c in code.co_consts)
+            _PACKED[code] = code.replace(co_consts=consts)
+        return _PACKED[code]
+
+    moved = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, FunctionType) and obj.__code__ in hot:
+            obj.__code__ = copy(obj.__code__)
+            moved += 1
+    return moved
+
+
+class _AtFork:
+    """Fork daemons without the Python-level after-fork hooks they do not need.
+
+    CPython runs every ``os.register_at_fork(after_in_child=...)`` hook in each
+    child: ``random`` reseeds, ``threading`` rebuilds its thread table and locks,
+    ``logging`` re-creates every handler's lock. Each runs Python code that
+    writes to shared pages (about 0.3 MB per daemon, measured with
+    ``bench/profile_daemon.py``). Their purpose is locks another thread held at
+    the fork; the fork-server has a single thread (checked before each fork), so
+    none can be held but the one ``logging`` takes on purpose before a fork,
+    which the child releases. ``random`` is reseeded in the server before each
+    fork, so that daemons still draw different jitter. Hooks this class does not
+    know still run, and the daemon puts the full list back before it runs, so
+    its own forks are untouched."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Any] | None = None  # CPython's after-fork-in-child list
+        self.full: list[Any] = []
+        self.lean: list[Any] = []
+
+    def find(self) -> None:
+        """Locate the interpreter's hook list (a plain list that holds threading's
+        hook) before gc.freeze() hides it from gc.get_referrers. Anything not as
+        expected leaves every hook running."""
+        import logging
+        import random
+        import threading
+        try:
+            threading_hook = threading._after_fork
+            logging_hook = logging._after_at_fork_child_reinit_locks
+            known = {threading_hook, logging_hook, random._inst.seed}
+            release = logging._lock._at_fork_reinit
+        except AttributeError:
+            return
+        lists = [ref for ref in gc.get_referrers(threading_hook)
+                 if type(ref) is list and threading_hook in ref]
+        if len(lists) != 1:
+            return
+        self.hooks = lists[0]
+        self.full = list(self.hooks)
+        self.lean = [hook for hook in self.full if hook not in known]
+        if logging_hook in self.full:
+            self.lean.append(release)
+
+    @contextlib.contextmanager
+    def lean_child(self) -> Iterator[None]:
+        """Around a fork in the server: the child runs only the hooks it needs."""
+        if self.hooks is None or self.hooks != self.full or proc.thread_count() != 1:
+            yield
+            return
+        import random
+        random.seed()
+        self.hooks[:] = self.lean
+        try:
+            yield
+        finally:
+            self.hooks[:] = self.full
+
+    def restore(self) -> None:
+        """In the daemon: its own children get every hook again."""
+        if self.hooks is not None:
+            self.hooks[:] = self.full
+
+
+AT_FORK = _AtFork()
 
 
 _FILLERS: list[object] = []  # never freed: they hold the heap's holes (see fill_free_blocks)
@@ -175,14 +293,17 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
     plan = LaunchPlan.from_json(plan_json)
     plan.keep_fds = (ipc_fd,)
     if SIBLING_FORK:
-        pid = proc.fork_as_sibling()
+        with AT_FORK.lean_child():
+            pid = proc.fork_as_sibling()
         if pid == 0:
             sock.close()
             _run_daemon(plan, ipc_fd)
         _reply(sock, {"id": req_id, "pid": pid})
         return
     plan.reparenting = True  # our intermediate exits at once; the daemon waits for that
-    if os.fork() != 0:
+    with AT_FORK.lean_child():
+        intermediate = os.fork()
+    if intermediate != 0:
         return  # the server: the intermediate answers for us
     try:
         pid = os.fork()
@@ -197,6 +318,7 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
 def _run_daemon(plan, ipc_fd: int) -> None:  # type: ignore[no-untyped-def]
     from . import daemon
     from .spawner import apply_in_child
+    AT_FORK.restore()
     apply_in_child(plan)
     code = 1
     try:

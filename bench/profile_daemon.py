@@ -59,8 +59,9 @@ def _isolation(name: str) -> dict[str, Any]:
 
 def child(fd: int, name: str, mode: str, out: Path) -> None:
     """In the forked child: what the fork-server's _run_daemon does, plus the probe."""
-    from agentctl_swarm import daemon
+    from agentctl_swarm import daemon, forkserver
     from agentctl_swarm.spawner import LaunchPlan, apply_in_child
+    forkserver.AT_FORK.restore()
     apply_in_child(LaunchPlan(name=name, keep_fds=(fd,), supervisor_pid=None))
     code = 1
     try:
@@ -213,7 +214,8 @@ def main() -> int:
             name = f"prof-{i:03d}"
             out = work / "ws" / name / f"profile.{mode}"  # the daemon Landlocks itself to its workspace
             t_fork = time.perf_counter()
-            pid = os.fork()
+            with forkserver.AT_FORK.lean_child():  # as the fork-server forks
+                pid = os.fork()
             if pid == 0:
                 ours.close()
                 child(theirs.fileno(), name, mode if i == 0 else "plain", out)

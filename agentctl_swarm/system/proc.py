@@ -83,10 +83,11 @@ def _raw_clone() -> "ctypes._CFuncPtr | None":
 
 def can_fork_as_sibling() -> bool:
     """True where ``fork_as_sibling`` works: a known architecture, one thread."""
-    return _SYS_CLONE.get(platform.machine()) is not None and _thread_count() == 1
+    return _SYS_CLONE.get(platform.machine()) is not None and thread_count() == 1
 
 
-def _thread_count() -> int:
+def thread_count() -> int:
+    """Threads in this process (0 if /proc cannot tell)."""
     try:
         return len(os.listdir("/proc/self/task"))
     except OSError:
@@ -99,7 +100,7 @@ def fork_as_sibling() -> int:
     Only for a single-threaded caller (see the design note); OSError if unsupported.
     """
     clone = _raw_clone()
-    if clone is None or _thread_count() != 1:
+    if clone is None or thread_count() != 1:
         raise OSError(errno.ENOSYS, "fork_as_sibling needs x86_64 or aarch64 and a single thread")
     api = ctypes.pythonapi
     api.PyOS_BeforeFork()
