@@ -31,7 +31,6 @@ with the supervisor (PDEATHSIG).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import gc
 import json
@@ -41,7 +40,7 @@ import signal
 import socket
 import sys
 from types import CodeType, FunctionType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .system import proc
 
@@ -118,15 +117,18 @@ class _AtFork:
     ``bench/profile_daemon.py``). Their purpose is locks another thread held at
     the fork; the fork-server has a single thread (checked before each fork), so
     none can be held but the one ``logging`` takes on purpose before a fork,
-    which the child releases. ``random`` is reseeded in the server before each
-    fork, so that daemons still draw different jitter. Hooks this class does not
-    know still run, and the daemon puts the full list back before it runs, so
-    its own forks are untouched."""
+    which the child releases. Hooks this class does not know still run. The
+    daemon then reseeds ``random`` itself (so that daemons draw different
+    jitter) and puts the full list back, so its own forks are untouched.
+
+    The server's part is kept to a few item assignments (``lean``/``full``): it
+    forks every daemon in turn, and each write it makes after a fork copies a
+    page the newest daemon still shares."""
 
     def __init__(self) -> None:
         self.hooks: list[Any] | None = None  # CPython's after-fork-in-child list
         self.full: list[Any] = []
-        self.lean: list[Any] = []
+        self.lean: list[Any] = []  # same length: a hook, its cheap stand-in, or a no-op
 
     def find(self) -> None:
         """Locate the interpreter's hook list (a plain list that holds threading's
@@ -136,40 +138,38 @@ class _AtFork:
         import random
         import threading
         try:
-            threading_hook = threading._after_fork
-            logging_hook = logging._after_at_fork_child_reinit_locks
-            known = {threading_hook, logging_hook, random._inst.seed}
-            release = logging._lock._at_fork_reinit
+            stand_in = {threading._after_fork: gc.isenabled,  # a C call that changes nothing
+                        random._inst.seed: gc.isenabled,  # reseeded in the daemon instead
+                        logging._after_at_fork_child_reinit_locks: logging._lock._at_fork_reinit}
         except AttributeError:
             return
-        lists = [ref for ref in gc.get_referrers(threading_hook)
-                 if type(ref) is list and threading_hook in ref]
+        lists = [ref for ref in gc.get_referrers(threading._after_fork)
+                 if type(ref) is list and threading._after_fork in ref]
         if len(lists) != 1:
             return
         self.hooks = lists[0]
         self.full = list(self.hooks)
-        self.lean = [hook for hook in self.full if hook not in known]
-        if logging_hook in self.full:
-            self.lean.append(release)
+        self.lean = [stand_in.get(hook, hook) for hook in self.full]
 
-    @contextlib.contextmanager
-    def lean_child(self) -> Iterator[None]:
-        """Around a fork in the server: the child runs only the hooks it needs."""
-        if self.hooks is None or self.hooks != self.full or proc.thread_count() != 1:
-            yield
-            return
+    def use_lean(self) -> bool:
+        """Before a fork in the server: the child will run only the hooks it needs.
+        False (every hook runs) unless it is safe; after a True, call use_full()."""
+        hooks = self.hooks  # (no allocations here: each one could copy a page)
+        if hooks is None or hooks != self.full or proc.thread_count() != 1:
+            return False  # not found, changed since find() (run it as it is), or threads
+        hooks[:] = self.lean  # same length: the list keeps its storage
+        return True
+
+    def use_full(self) -> None:
+        """Put every hook back (in the server after a fork, and in each daemon)."""
+        if self.hooks is not None and len(self.hooks) == len(self.full):
+            self.hooks[:] = self.full
+
+    def in_daemon(self) -> None:
+        """First thing in a daemon forked with the lean hooks."""
+        import _random
         import random
-        random.seed()
-        self.hooks[:] = self.lean
-        try:
-            yield
-        finally:
-            self.hooks[:] = self.full
-
-    def restore(self) -> None:
-        """In the daemon: its own children get every hook again."""
-        if self.hooks is not None:
-            self.hooks[:] = self.full
+        _random.Random.seed(random.seed.__self__)  # what random's hook does, minus its Python frame
 
 
 AT_FORK = _AtFork()
@@ -293,20 +293,17 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
     plan = LaunchPlan.from_json(plan_json)
     plan.keep_fds = (ipc_fd,)
     if SIBLING_FORK:
-        with AT_FORK.lean_child():
-            pid = proc.fork_as_sibling()
+        pid = _fork_lean(proc.fork_as_sibling)
         if pid == 0:
             sock.close()
             _run_daemon(plan, ipc_fd)
         _reply(sock, {"id": req_id, "pid": pid})
         return
     plan.reparenting = True  # our intermediate exits at once; the daemon waits for that
-    with AT_FORK.lean_child():
-        intermediate = os.fork()
-    if intermediate != 0:
+    if _fork_lean(os.fork) != 0:
         return  # the server: the intermediate answers for us
     try:
-        pid = os.fork()
+        pid = _fork_lean(os.fork)
         if pid == 0:
             sock.close()
             _run_daemon(plan, ipc_fd)
@@ -315,10 +312,21 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
         os._exit(0)
 
 
+def _fork_lean(fork: Callable[[], int]) -> int:
+    """``fork()`` with the lean after-fork hooks (see _AtFork); the full list is back
+    in the server afterwards, whether the fork worked or not."""
+    lean = AT_FORK.use_lean()
+    try:
+        return fork()
+    finally:
+        if lean:
+            AT_FORK.use_full()  # in the child too: a page it would write anyway
+
+
 def _run_daemon(plan, ipc_fd: int) -> None:  # type: ignore[no-untyped-def]
     from . import daemon
     from .spawner import apply_in_child
-    AT_FORK.restore()
+    AT_FORK.in_daemon()
     apply_in_child(plan)
     code = 1
     try:

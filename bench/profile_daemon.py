@@ -61,7 +61,7 @@ def child(fd: int, name: str, mode: str, out: Path) -> None:
     """In the forked child: what the fork-server's _run_daemon does, plus the probe."""
     from agentctl_swarm import daemon, forkserver
     from agentctl_swarm.spawner import LaunchPlan, apply_in_child
-    forkserver.AT_FORK.restore()
+    forkserver.AT_FORK.in_daemon()
     apply_in_child(LaunchPlan(name=name, keep_fds=(fd,), supervisor_pid=None))
     code = 1
     try:
@@ -214,8 +214,7 @@ def main() -> int:
             name = f"prof-{i:03d}"
             out = work / "ws" / name / f"profile.{mode}"  # the daemon Landlocks itself to its workspace
             t_fork = time.perf_counter()
-            with forkserver.AT_FORK.lean_child():  # as the fork-server forks
-                pid = os.fork()
+            pid = forkserver._fork_lean(os.fork)  # as the fork-server forks
             if pid == 0:
                 ours.close()
                 child(theirs.fileno(), name, mode if i == 0 else "plain", out)

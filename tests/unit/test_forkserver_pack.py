@@ -85,13 +85,12 @@ AT_FORK = """
     from agentctl_swarm import forkserver
 
     ran = []
-    def probe():
-        return {"limbo_lock": id(threading._active_limbo_lock),
-                "random": random.random(),
-                "extra_hook_ran": bool(ran)}
 
-    def child_report(fd, extra):
-        msg = probe()
+    def child_report(fd, as_daemon):
+        msg = {"limbo_lock": id(threading._active_limbo_lock), "extra_hook_ran": bool(ran)}
+        if as_daemon:
+            forkserver.AT_FORK.in_daemon()  # what the fork-server's _run_daemon does first
+        msg["random"] = random.random()
         # the logging lock taken by logging's before-fork hook must be free for
         # another thread of the child (a thread-pool worker that logs, say)
         got = []
@@ -102,23 +101,20 @@ AT_FORK = """
         t = threading.Thread(target=take)
         t.start(); t.join()
         msg["logging_lock_free"] = got == [True]
-        if extra == "restore":
-            forkserver.AT_FORK.restore()
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.write(w, str(id(threading._active_limbo_lock)).encode()); os._exit(0)
-            os.waitpid(pid, 0)
-            msg["grandchild_limbo_lock"] = int(os.read(r, 100))
+        r, w = os.pipe()
+        pid = os.fork()  # the daemon's own fork (a session, say)
+        if pid == 0:
+            os.write(w, str(id(threading._active_limbo_lock)).encode()); os._exit(0)
+        os.waitpid(pid, 0)
+        msg["grandchild_limbo_lock"] = int(os.read(r, 100))
         os.write(fd, json.dumps(msg).encode())
         os._exit(0)
 
-    def fork_lean(extra=""):
+    def fork_lean(as_daemon=True):
         r, w = os.pipe()
-        with forkserver.AT_FORK.lean_child():
-            pid = os.fork()
+        pid = forkserver._fork_lean(os.fork)
         if pid == 0:
-            child_report(w, extra)
+            child_report(w, as_daemon)
         os.close(w)
         data = b""
         while chunk := os.read(r, 65536):
@@ -127,9 +123,12 @@ AT_FORK = """
         return json.loads(data)
 
     forkserver.AT_FORK.find()
-    parent = {"limbo_lock": id(threading._active_limbo_lock), "found": forkserver.AT_FORK.hooks is not None}
-    lean = [fork_lean(), fork_lean()]
-    restored = fork_lean("restore")
+    parent = {"limbo_lock": id(threading._active_limbo_lock),
+              "found": forkserver.AT_FORK.hooks is not None,
+              "hooks_back": forkserver.AT_FORK.hooks == forkserver.AT_FORK.full}
+    daemons = [fork_lean(), fork_lean()]
+    raw = [fork_lean(as_daemon=False), fork_lean(as_daemon=False)]
+    parent["hooks_back"] = parent["hooks_back"] and forkserver.AT_FORK.hooks == forkserver.AT_FORK.full
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
@@ -137,22 +136,21 @@ AT_FORK = """
     stop.set(); worker.join()
     os.register_at_fork(after_in_child=lambda: ran.append(1))  # unknown to AT_FORK
     unknown = fork_lean()
-    print(json.dumps({"parent": parent, "lean": lean, "restored": restored,
+    print(json.dumps({"parent": parent, "daemons": daemons, "raw": raw,
                       "threaded": threaded, "unknown": unknown}))
 """
 
 
 def test_daemons_are_forked_without_the_python_after_fork_hooks() -> None:
     data = _run(AT_FORK)
-    parent, lean = data["parent"], data["lean"]
-    assert parent["found"]
-    for child in lean:
+    parent, daemons, raw = data["parent"], data["daemons"], data["raw"]
+    assert parent["found"] and parent["hooks_back"]  # the server's list is whole after each fork
+    for child in daemons + raw:
         assert child["limbo_lock"] == parent["limbo_lock"]  # threading's hook did not run
         assert child["logging_lock_free"]  # ...yet logging's lock was released
-    assert lean[0]["random"] != lean[1]["random"]  # reseeded in the server before each fork
-    restored = data["restored"]
-    assert restored["logging_lock_free"]
-    assert restored["grandchild_limbo_lock"] != parent["limbo_lock"]  # the daemon's own forks get every hook
+        assert child["grandchild_limbo_lock"] != parent["limbo_lock"]  # a daemon's own forks run every hook
+    assert raw[0]["random"] == raw[1]["random"]  # random's hook did not run either...
+    assert daemons[0]["random"] != daemons[1]["random"]  # ...so each daemon reseeds itself
 
 
 def test_every_hook_runs_when_the_server_has_threads_or_an_unknown_hook() -> None:
