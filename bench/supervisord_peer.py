@@ -22,11 +22,29 @@ import xmlrpc.client
 from pathlib import Path
 
 DEFAULT_VENV = Path(os.environ.get("AGENTCTL_BENCH_VENV", "/tmp/agentctl-swarm-bench-venv"))
-BARE_CHILD = "import time; time.sleep(1e9)"
+# A bare child says it is up by writing one byte to the benchmark's FIFO (``os`` is
+# imported at every interpreter start, so this adds no import), then sleeps.
+BARE_CHILD = "import os, time; os.write(os.open('{fifo}', os.O_WRONLY), b'.'); time.sleep(1e9)"
+
+
+def login_shell_python3() -> str | None:
+    """``python3`` as a user's login shell finds it (here a pyenv shim, ~95 ms a start).
+
+    Not ``shutil.which``: under pyenv this process's own PATH starts with the
+    interpreter's bin directory, which pyenv's shim put there."""
+    try:
+        out = subprocess.run(["bash", "-lc", "command -v python3"], capture_output=True,
+                             text=True, timeout=30, env={"HOME": os.environ.get("HOME", "/")})
+        found = out.stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        found = []
+    return found[-1] if found else shutil.which("python3")
+
+
 # The interpreter each peer's children run. "supervisord" uses the swarm's own
 # interpreter binary (the fair comparison); "supervisord-python3" runs `python3`
-# from PATH, as the issue's reference figures did (here a pyenv shim, ~95 ms a start).
-PEER_PYTHON = {"supervisord": sys.executable, "supervisord-python3": shutil.which("python3")}
+# as a login shell finds it, as the issue's reference figures did.
+PEER_PYTHON = {"supervisord": lambda: sys.executable, "supervisord-python3": login_shell_python3}
 
 
 class PeerUnavailable(Exception):
@@ -98,7 +116,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{sock}
 
 [program:bare]
-command={python} -c "{BARE_CHILD}"
+command={python} -c "{BARE_CHILD.format(fifo=workdir / 'up.fifo')}"
 process_name=%(program_name)s_%(process_num)04d
 numprocs={count}
 startsecs=0
@@ -110,10 +128,18 @@ stderr_logfile=NONE
 
 def run_peer(bindir: Path, count: int, python: str = sys.executable,
              timeout: float = 300.0) -> dict[str, float]:
-    """Start supervisord with ``count`` bare ``python -c`` children; seconds to all
-    RUNNING, and memory."""
+    """Start supervisord with ``count`` bare ``python -c`` children.
+
+    ``ready_s``: seconds until all ``count`` children run their code (each writes a
+    byte to a FIFO), as a daemon is ready when it runs and heartbeats.
+    ``running_s``: seconds until supervisord reports all RUNNING, which with
+    ``startsecs=0`` is as soon as it has spawned them, before their interpreter
+    has started. Also their memory."""
     with tempfile.TemporaryDirectory(prefix="bench-supervisord-") as tmp:
         workdir = Path(tmp)
+        fifo = workdir / "up.fifo"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # RDWR: never EOF, never blocks a writer
         conf = workdir / "supervisord.conf"
         conf.write_text(_config(workdir, count, python))
         start = time.monotonic()
@@ -122,12 +148,30 @@ def run_peer(bindir: Path, count: int, python: str = sys.executable,
                                 start_new_session=True)
         try:
             pids = _wait_running(workdir / "supervisor.sock", count, start + timeout, proc)
+            running = time.monotonic() - start
+            _wait_up(reader, count, start + timeout)
             ready = time.monotonic() - start
             from swarm_bench import memory_of  # the same reader as for the swarm
             mem = memory_of(pids)
-            return {"ready_s": ready, **mem}
+            return {"ready_s": ready, "running_s": running, **mem}
         finally:
+            os.close(reader)
             _stop(proc)
+
+
+def _wait_up(reader: int, count: int, deadline: float) -> None:
+    """Until ``count`` bytes (one per child) have come through the FIFO."""
+    import select
+    seen = 0
+    while seen < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerUnavailable(f"only {seen}/{count} bare children started in time")
+        if select.select([reader], [], [], min(left, 1.0))[0]:
+            try:
+                seen += len(os.read(reader, 65536))
+            except BlockingIOError:
+                pass
 
 
 def _wait_running(sock: Path, count: int, deadline: float, proc: subprocess.Popen) -> list[int]:

@@ -39,12 +39,15 @@ Every figure is taken from outside the supervisor, the way a user sees it:
   processes left (down).
 
 The peer is supervisord (PyPI, in the benchmark's own venv) with N bare
-``python -c "import time; time.sleep(1e9)"`` children (numprocs=N, startsecs=0),
-timed from its launch to all N RUNNING over its XML-RPC socket. Two peers differ
-only in that interpreter: ``supervisord`` runs the swarm's own binary
-(``sys.executable``, the fair comparison), ``supervisord-python3`` runs
-``python3`` from PATH, which is how the issue's reference figures were taken
-(on these machines a pyenv shim that costs ~95 ms a start).
+``python -c`` children (numprocs=N, startsecs=0),
+timed from its launch to all N children running their code (each writes a byte
+to a FIFO, then sleeps); the time until supervisord reports them all RUNNING is
+kept as ``running_s`` (with startsecs=0 that is when it has spawned them, before
+their interpreter is up). Two peers differ only in that interpreter:
+``supervisord`` runs the swarm's own binary (``sys.executable``, the fair
+comparison), ``supervisord-python3`` runs ``python3`` as a login shell finds it,
+which is how the issue's reference figures were taken (on these machines a pyenv
+shim that costs ~95 ms a start).
 """
 
 from __future__ import annotations
@@ -601,9 +604,12 @@ def bench_peer(peer: str, n: int, rep: int) -> dict[str, Any]:
     from supervisord_peer import PEER_PYTHON, PeerUnavailable, ensure_venv, run_peer
     row: dict[str, Any] = {"mode": peer, "n": n, "rep": rep}
     try:
-        python = PEER_PYTHON.get(peer)
+        if peer not in PEER_PYTHON:
+            raise PeerUnavailable(f"{peer}: no such peer (known: {', '.join(PEER_PYTHON)})")
+        python = PEER_PYTHON[peer]()
         if python is None:
-            raise PeerUnavailable(f"{peer}: no such peer here (known: {', '.join(PEER_PYTHON)})")
+            raise PeerUnavailable(f"{peer}: no python3 found")
+        row["python"] = python
         row.update(run_peer(ensure_venv(), n, python))
     except PeerUnavailable as exc:
         row["error"] = str(exc)
