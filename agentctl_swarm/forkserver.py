@@ -66,9 +66,16 @@ def preload(rehearse: bool = True) -> None:
 
 
 def hot_code(run: Callable[[], object]) -> set[CodeType]:
-    """The code objects of every Python function ``run()`` calls (cProfile's record)."""
+    """The code objects of every Python function ``run()`` calls (cProfile's record).
+
+    Empty, with ``run()`` still run, where another profiler holds the hook (Python
+    3.12+ refuses a second one): the daemons then run the original code."""
     prof = cProfile.Profile()
-    prof.enable()
+    try:
+        prof.enable()
+    except ValueError:
+        run()
+        return set()
     try:
         run()
     finally:

@@ -159,3 +159,17 @@ def test_every_hook_runs_when_the_server_has_threads_or_an_unknown_hook() -> Non
     assert data["threaded"]["limbo_lock"] != parent["limbo_lock"]
     assert data["unknown"]["extra_hook_ran"]
     assert data["unknown"]["limbo_lock"] != parent["limbo_lock"]
+
+
+def test_hot_code_still_runs_the_rehearsal_when_another_profiler_holds_the_hook(monkeypatch) -> None:
+    import cProfile
+
+    from agentctl_swarm import forkserver
+
+    def refuse(self: cProfile.Profile) -> None:
+        raise ValueError("Another profiling tool is already active")  # Python 3.12+'s refusal
+
+    monkeypatch.setattr(cProfile.Profile, "enable", refuse)
+    ran: list[int] = []
+    assert forkserver.hot_code(lambda: ran.append(1)) == set()
+    assert ran == [1]
