@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from .system import proc
 
@@ -88,7 +88,7 @@ def apply_in_child(plan: LaunchPlan) -> None:
         if plan.new_session:
             os.setsid()
         if plan.supervisor_pid is not None:
-            _tie_to_parent(plan.supervisor_pid, plan.pdeathsig, plan.reparenting)
+            tie_to_parent(plan.supervisor_pid, plan.pdeathsig, plan.reparenting)
         if plan.cgroup is not None:
             from .system import cgroups
             cgroups.join_spec(plan.cgroup)
@@ -101,7 +101,7 @@ def apply_in_child(plan: LaunchPlan) -> None:
         if plan.cwd is not None:
             os.chdir(plan.cwd)
     except BaseException as exc:  # noqa: BLE001 - the child must not return into the parent's code
-        _child_fail(plan.name, exc)
+        child_fail(plan.name, exc)
 
 
 def _reset_signals() -> None:
@@ -111,7 +111,7 @@ def _reset_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _tie_to_parent(supervisor_pid: int, sig: int, reparenting: bool) -> None:
+def tie_to_parent(supervisor_pid: int, sig: int, reparenting: bool) -> None:
     """Wait for reparenting to the supervisor if need be, then die with it."""
     parent = os.getppid()
     if parent != supervisor_pid and reparenting:
@@ -130,7 +130,8 @@ def _tie_to_parent(supervisor_pid: int, sig: int, reparenting: bool) -> None:
         os._exit(EXIT_ORPHANED)
 
 
-def _child_fail(name: str, exc: BaseException) -> None:
+def child_fail(name: str, exc: BaseException) -> NoReturn:
+    """In a child whose set-up failed: say why on stderr, exit EXIT_SETUP_FAILED."""
     try:
         os.write(2, f"agentctl-swarm: {name}: child setup failed: {exc}\n".encode())
     finally:
@@ -151,7 +152,7 @@ def fork_exec(plan: LaunchPlan, argv: list[str]) -> int:
                 os.set_inheritable(fd, True)
             os.execve(argv[0], argv, plan.env if plan.env is not None else os.environ)
         except BaseException as exc:  # noqa: BLE001
-            _child_fail(plan.name, exc)
+            child_fail(plan.name, exc)
     return pid
 
 

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 
+from agentctl_swarm.spawner import EXIT_SETUP_FAILED
 from agentctl_swarm.system import proc
 
 pytestmark = pytest.mark.skipif(not proc.can_fork_as_sibling(),
@@ -67,7 +68,7 @@ def test_fork_as_sibling_gives_our_parent_a_working_child() -> None:
 
 
 SUPERVISOR = """
-    import asyncio, json, os, socket, sys
+    import asyncio, json, os, select, socket, sys
     from agentctl_swarm import ipc
     from agentctl_swarm.spawner import ForkServerClient, LaunchPlan
     from agentctl_swarm.system import proc
@@ -89,9 +90,24 @@ SUPERVISOR = """
             chan.close()  # no boot: the daemon exits at once
             status = await asyncio.to_thread(os.waitpid, pid, 0)
             seen.append({"pid": pid, "hello_pid": hello["pid"], "ppid": ppid, "status": status[1]})
+        # A plan the daemon cannot read (a fork-server from another version, say):
+        # the daemon still ends as our child, with the set-up failure's exit code.
+        bad = LaunchPlan(name="bad")
+        bad.to_json = lambda: json.dumps({"name": "bad", "no_such_field": 1})
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = await client.spawn(bad, theirs.fileno())
+        theirs.close()
+        # (double fork: it is the intermediate's child until that exits, so wait for
+        # its exit through a pidfd, as the supervisor's reaper does, before waitpid)
+        exited = os.pidfd_open(pid)
+        await asyncio.to_thread(select.select, [exited], [], [], 10)
+        os.close(exited)
+        status = os.waitpid(pid, os.WNOHANG)
+        ours.close()
         client.close()
         await asyncio.to_thread(os.waitpid, client.pid, 0)
-        print(json.dumps({"me": os.getpid(), "daemons": seen}))
+        print(json.dumps({"me": os.getpid(), "daemons": seen,
+                          "bad_exit": os.waitstatus_to_exitcode(status[1])}))
 
     asyncio.run(main(sys.argv[1] == "double"))
 """
@@ -105,3 +121,4 @@ def test_each_fork_path_makes_the_daemon_the_supervisors_child(mode: str) -> Non
         assert daemon["hello_pid"] == daemon["pid"]
         assert daemon["ppid"] == seen["me"], daemon  # reaped by us, with its exit status
         assert daemon["status"] == 0, daemon
+    assert seen["bad_exit"] == EXIT_SETUP_FAILED
