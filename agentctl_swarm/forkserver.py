@@ -13,7 +13,8 @@ the collector walks them.
 Protocol (SOCK_SEQPACKET, one JSON object per message): the supervisor sends
 ``{"id", "plan"}`` with the daemon's IPC socket attached (SCM_RIGHTS); the
 fork-server answers ``{"id", "pid"}`` or ``{"id", "error"}``. It first sends
-``{"ready": true}`` once preloaded.
+``{"ready": true}`` once preloaded. The daemon, not the server, parses the plan:
+the server's work between forks is kept small (see _spawn).
 
 Each daemon must be the supervisor's child, so that the supervisor reaps it and
 learns its exit status directly, and must outlive a fork-server crash. The
