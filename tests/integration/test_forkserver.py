@@ -81,7 +81,10 @@ SUPERVISOR = """
         seen = []
         for i in range(3):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            pid = await client.spawn(LaunchPlan(name=f"d{i}"), theirs.fileno())
+            # supervisor_pid, as Spawner.spawn_daemon sets it: the daemon waits until it
+            # is ours before it says hello (double fork: the intermediate exits first)
+            plan = LaunchPlan(name=f"d{i}", supervisor_pid=os.getpid())
+            pid = await client.spawn(plan, theirs.fileno())
             theirs.close()
             got = asyncio.get_running_loop().create_future()
             chan = await ipc.open_channel(ours, lambda m: got.done() or got.set_result(m), lambda e: None)
