@@ -160,12 +160,15 @@ class _AtFork:
         self.full = list(self.hooks)
         self.lean = [stand_in.get(hook, hook) for hook in self.full]
 
-    def use_lean(self) -> bool:
+    def use_lean(self, *, check_threads: bool = True) -> bool:
         """Before a fork in the server: the child will run only the hooks it needs.
-        False (every hook runs) unless it is safe; after a True, call use_full()."""
+        False (every hook runs) unless it is safe; after a True, call use_full().
+        ``check_threads=False`` where the fork itself refuses a caller with threads."""
         hooks = self.hooks  # (no allocations here: each one could copy a page)
-        if hooks is None or hooks != self.full or proc.thread_count() != 1:
-            return False  # not found, changed since find() (run it as it is), or threads
+        if hooks is None or hooks != self.full:
+            return False  # not found, or changed since find(): run it as it is
+        if check_threads and proc.thread_count() != 1:
+            return False
         hooks[:] = self.lean  # same length: the list keeps its storage
         return True
 
@@ -304,7 +307,7 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
     copied (the newest daemon still shares it): parsing the plan in the child and
     answering with preformatted bytes took ~56 page faults off each fork."""
     if SIBLING_FORK:
-        pid = _fork_lean(proc.fork_as_sibling)
+        pid = _fork_lean(proc.fork_as_sibling, refuses_threads=True)
         if pid == 0:
             sock.close()
             _run_daemon(plan_json, ipc_fd, reparenting=False)
@@ -323,10 +326,12 @@ def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> Non
         os._exit(0)
 
 
-def _fork_lean(fork: Callable[[], int]) -> int:
+def _fork_lean(fork: Callable[[], int], *, refuses_threads: bool = False) -> int:
     """``fork()`` with the lean after-fork hooks (see _AtFork); the full list is back
-    in the server afterwards, whether the fork worked or not."""
-    lean = AT_FORK.use_lean()
+    in the server afterwards, whether the fork worked or not. ``refuses_threads``:
+    ``fork`` raises in a process with threads (fork_as_sibling), so the thread count
+    is not read twice per fork."""
+    lean = AT_FORK.use_lean(check_threads=not refuses_threads)
     try:
         return fork()
     finally:

@@ -75,6 +75,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from agentctl_swarm.agentchat.client import AgentChatClient  # noqa: E402
 from agentctl_swarm.agentchat.identity import Identity  # noqa: E402
 from agentctl_swarm.control.client import call as control_call  # noqa: E402
+from agentctl_swarm.system import proc  # noqa: E402
 from tests.swarmlib import Swarm, fake_agent_command, swarm_processes  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -547,7 +548,7 @@ def _scenario(row: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
         row.setdefault("scenario_errors", []).append(f"{key}: {type(exc).__name__}: {exc}")
 
 
-KSM = Path("/sys/kernel/mm/ksm")
+KSM = proc.KSM_RUN.parent  # /sys/kernel/mm/ksm
 
 
 def _ksmd_seconds() -> float:
