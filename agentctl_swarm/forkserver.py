@@ -10,11 +10,12 @@ are then written once here, not copied into every daemon), then
 ``gc.freeze()``s the heap so forked children do not dirty the shared pages when
 the collector walks them.
 
-Protocol (SOCK_SEQPACKET, one JSON object per message): the supervisor sends
-``{"id", "plan"}`` with the daemon's IPC socket attached (SCM_RIGHTS); the
-fork-server answers ``{"id", "pid"}`` or ``{"id", "error"}``. It first sends
-``{"ready": true}`` once preloaded. The daemon, not the server, parses the plan:
-the server's work between forks is kept small (see _spawn).
+Protocol (SOCK_SEQPACKET, one message per request): the supervisor sends
+``<id>\\n<plan as JSON>`` with the daemon's IPC socket attached (SCM_RIGHTS);
+the fork-server answers with a JSON object, ``{"id", "pid"}`` or
+``{"id", "error"}``. It first sends ``{"ready": true}`` once preloaded. The
+server reads only the id; the daemon parses the plan: the server's work between
+forks is kept small (see serve).
 
 Each daemon must be the supervisor's child, so that the supervisor reaps it and
 learns its exit status directly, and must outlive a fork-server crash. The
@@ -31,8 +32,10 @@ with the supervisor (PDEATHSIG).
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import cProfile
+import errno
 import gc
 import json
 import os
@@ -46,7 +49,8 @@ from typing import Any, Callable
 from .system import proc
 
 MAX_REQUEST = 64 * 1024
-SIBLING_FORK = False  # set in main(): fork daemons with CLONE_PARENT
+MAX_FDS = 4  # more is an error, but is received (and closed) whole
+SIBLING_FORK: Callable[[], int] | None = None  # set in main(): forks with CLONE_PARENT, if it can
 SUPERVISOR_PID = 0  # set in main(): our parent
 
 
@@ -59,7 +63,7 @@ def preload(rehearse: bool = True) -> None:
         hot = hot_code(lambda: daemon.rehearse(1))
         gc.collect()
         fill_free_blocks()  # so that the copies below are packed on fresh pages
-        pack_code(hot)
+        pack_code(hot | _serving_code() if hot else hot)
         daemon.rehearse(1)  # warm the copies: the bytecode daemons will run
     gc.collect()
     fill_free_blocks()
@@ -117,71 +121,78 @@ def pack_code(hot: set[CodeType]) -> int:
 
 
 class _AtFork:
-    """Fork daemons without the Python-level after-fork hooks they do not need.
+    """Fork daemons without the Python-level fork hooks they do not need.
 
-    CPython runs every ``os.register_at_fork(after_in_child=...)`` hook in each
-    child: ``random`` reseeds, ``threading`` rebuilds its thread table and locks,
-    ``logging`` re-creates every handler's lock. Each runs Python code that
-    writes to shared pages (about 0.3 MB per daemon, measured with
-    ``bench/profile_daemon.py``). Their purpose is locks another thread held at
-    the fork; the fork-server has a single thread (checked before each fork), so
-    none can be held but the one ``logging`` takes on purpose before a fork,
-    which the child releases. Hooks this class does not know still run. The
-    daemon then reseeds ``random`` itself (so that daemons draw different
-    jitter) and puts the full list back, so its own forks are untouched.
+    CPython runs every ``os.register_at_fork`` hook around each fork: in the
+    child, ``random`` reseeds, ``threading`` rebuilds its thread table and locks,
+    ``logging`` re-creates every handler's lock; in the parent, ``logging`` takes
+    and releases its module lock. Each runs Python code that writes to shared
+    pages (in the child about 0.3 MB per daemon, measured with
+    ``bench/profile_daemon.py``; in the server, pages the newest daemon still
+    shares). Their purpose is locks another thread held at the fork; the
+    fork-server has a single thread (checked before each fork), so none can be
+    held, and the child only re-creates logging's module lock. Hooks this class
+    does not know still run. The daemon then reseeds ``random`` itself (so that
+    daemons draw different jitter) and puts the full lists back, so its own forks
+    are untouched.
 
-    The server's part is kept to a few item assignments (``lean``/``full``): it
-    forks every daemon in turn, and each write it makes after a fork copies a
-    page the newest daemon still shares."""
+    The server installs the lean lists once, when it starts serving, and keeps
+    them (``use_lean``/``use_full`` are a few item assignments)."""
 
     def __init__(self) -> None:
-        self.hooks: list[Any] | None = None  # CPython's after-fork-in-child list
-        self.full: list[Any] = []
-        self.lean: list[Any] = []  # same length: a hook, its cheap stand-in, or a no-op
+        # CPython's three hook lists (before, after in child, after in parent),
+        # each with its full contents and its lean stand-in
+        self.lists: list[tuple[list[Any], list[Any], list[Any]]] = []
 
     def find(self) -> None:
-        """Locate the interpreter's hook list (a plain list that holds threading's
-        hook) before gc.freeze() hides it from gc.get_referrers. Anything not as
+        """Locate the interpreter's hook lists (plain lists that hold the known hooks)
+        before gc.freeze() hides them from gc.get_referrers. Anything not as
         expected leaves every hook running."""
         import logging
         import random
         import threading
         try:
-            stand_in = {threading._after_fork: gc.isenabled,  # a C call that changes nothing
-                        random._inst.seed: gc.isenabled,  # reseeded in the daemon instead
-                        logging._after_at_fork_child_reinit_locks: logging._lock._at_fork_reinit}
+            skipped = {threading._after_fork, random._inst.seed,  # random: reseeded in the daemon
+                       logging._acquireLock, logging._releaseLock}
+            stand_in = {logging._after_at_fork_child_reinit_locks: logging._lock._at_fork_reinit}
         except AttributeError:
             return
-        lists = [ref for ref in gc.get_referrers(threading._after_fork)
-                 if type(ref) is list and threading._after_fork in ref]
-        if len(lists) != 1:
-            return
-        self.hooks = lists[0]
-        self.full = list(self.hooks)
-        self.lean = [stand_in.get(hook, hook) for hook in self.full]
+        found = []
+        for known in (logging._acquireLock, threading._after_fork, logging._releaseLock):
+            lists = [ref for ref in gc.get_referrers(known) if type(ref) is list and known in ref]
+            if len(lists) != 1:
+                return
+            full = list(lists[0])
+            lean = [stand_in.get(hook, hook) for hook in full if hook not in skipped]
+            found.append((lists[0], full, lean))
+        self.lists = found
 
-    def use_lean(self, *, check_threads: bool = True) -> bool:
-        """Before a fork in the server: the child will run only the hooks it needs.
-        False (every hook runs) unless it is safe; after a True, call use_full().
-        ``check_threads=False`` where the fork itself refuses a caller with threads."""
-        hooks = self.hooks  # (no allocations here: each one could copy a page)
-        if hooks is None or hooks != self.full:
-            return False  # not found, or changed since find(): run it as it is
-        if check_threads and proc.thread_count() != 1:
+    def use_lean(self) -> bool:
+        """Every fork from now on runs only the hooks a single-threaded server's
+        child needs (the caller makes sure there is one thread). False (every hook
+        runs) if the lists were not found or have changed since find()."""
+        if not self.lists or any(hooks != full for hooks, full, _ in self.lists):
             return False
-        hooks[:] = self.lean  # same length: the list keeps its storage
+        for hooks, _, lean in self.lists:
+            hooks[:] = lean
         return True
 
     def use_full(self) -> None:
-        """Put every hook back (in the server after a fork, and in each daemon)."""
-        if self.hooks is not None and len(self.hooks) == len(self.full):
-            self.hooks[:] = self.full
+        """Put every hook back (in each daemon, or in the server if a thread appears)."""
+        if all(hooks == lean for hooks, _, lean in self.lists):
+            for hooks, full, _ in self.lists:
+                hooks[:] = full
+
+    @property
+    def lean(self) -> bool:
+        return bool(self.lists) and all(hooks == lean for hooks, _, lean in self.lists)
 
     def in_daemon(self) -> None:
         """First thing in a daemon forked with the lean hooks."""
         import _random
         import random
         _random.Random.seed(random.seed.__self__)  # what random's hook does, minus its Python frame
+        self.use_full()
 
 
 AT_FORK = _AtFork()
@@ -270,76 +281,107 @@ def prestart() -> tuple[int, socket.socket]:
     return pid, ours
 
 
+_REQUEST = bytearray(MAX_REQUEST)  # every request is received into this one buffer (see serve)
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
+
+
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # an int: the enum's "|" is Python code
+
+
+def _serving_code() -> set[CodeType]:
+    """The code the server runs between two forks, packed with the daemons' own."""
+    codes = {func.__code__ for func in (serve, _received_fds, _handle, _spawn, _answer,
+                                        proc.sibling_forker.__wrapped__)}
+    return codes | {const for code in codes for const in code.co_consts if isinstance(const, CodeType)}
+
+
 def serve(sock: socket.socket) -> int:
-    """Answer spawn requests until the supervisor hangs up."""
-    sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    """Answer spawn requests until the supervisor hangs up.
+
+    The server forks every daemon in turn, and each page it writes between two
+    forks is copied (the newest daemon still shares it), so that page ends up
+    private to the daemon: its USS. The loop therefore does as little as it can
+    per request: it receives into one preallocated buffer, reads only the
+    request's id, keeps the lean fork hooks installed (``_AtFork``) and leaves
+    the plan to the daemon, which parses its own copy of the buffer."""
+    sock.send(b'{"ready": true, "pid": %d}' % os.getpid())
+    AT_FORK.use_lean()
+    buffers = (_REQUEST,)
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 4)
+            size, ancillary, flags, _addr = sock.recvmsg_into(buffers, _ANCILLARY)
         except InterruptedError:
             continue
         except OSError:
             return 1
-        if not data:
+        fds = _received_fds(ancillary)
+        if not size and not fds:
             return 0
-        _handle(sock, data, fds)
+        try:
+            _handle(sock, size, flags, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
-def _handle(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(memoryview(data[:len(data) - len(data) % 4]).cast("i"))
+    return fds
+
+
+def _handle(sock: socket.socket, size: int, flags: int, fds: list[int]) -> None:
+    """One request: ``<id>\\n<plan JSON>`` with the daemon's IPC socket attached."""
     req_id = -1
     try:
-        req = json.loads(data)
-        req_id = int(req["id"])
+        header = _REQUEST.find(b"\n", 0, size)
+        if header < 0:
+            raise ValueError("request has no id line")
+        req_id = int(_REQUEST[:header])
+        if flags & _TRUNCATED:
+            raise ValueError(f"request larger than {MAX_REQUEST} bytes or {MAX_FDS} descriptors")
         if len(fds) != 1:
             raise ValueError(f"expected 1 descriptor, got {len(fds)}")
-        _spawn(sock, req_id, req["plan"], fds[0])
+        _spawn(sock, req_id, header + 1, size, fds[0])
     except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
         _reply(sock, {"id": req_id, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
-def _spawn(sock: socket.socket, req_id: int, plan_json: str, ipc_fd: int) -> None:
-    """Fork the daemon and answer with its PID; the daemon reads its own plan.
-
-    The server forks every daemon in turn, and each page it writes after a fork is
-    copied (the newest daemon still shares it): parsing the plan in the child and
-    answering with preformatted bytes took ~56 page faults off each fork."""
-    if SIBLING_FORK:
-        pid = _fork_lean(proc.fork_as_sibling, refuses_threads=True)
+def _spawn(sock: socket.socket, req_id: int, start: int, end: int, ipc_fd: int) -> None:
+    """Fork the daemon and answer with its PID; the daemon reads its own plan
+    (``_REQUEST[start:end]``, its copy of the buffer)."""
+    if SIBLING_FORK is not None:
+        if _thread._count():  # (other threads were ruled out when serving began)
+            raise OSError(errno.EDEADLK, "the fork-server has a second thread")
+        pid = SIBLING_FORK()
         if pid == 0:
             sock.close()
-            _run_daemon(plan_json, ipc_fd, reparenting=False)
+            _run_daemon(_REQUEST[start:end], ipc_fd, reparenting=False)
         _answer(sock, req_id, pid)
         return
-    if _fork_lean(os.fork) != 0:
+    if _fork() != 0:
         return  # the server: the intermediate answers for us
     try:
-        pid = _fork_lean(os.fork)
+        pid = _fork()
         if pid == 0:
             sock.close()
             # our parent, the intermediate, exits at once; the daemon waits for that
-            _run_daemon(plan_json, ipc_fd, reparenting=True)
+            _run_daemon(_REQUEST[start:end], ipc_fd, reparenting=True)
         _answer(sock, req_id, pid)
     finally:
         os._exit(0)
 
 
-def _fork_lean(fork: Callable[[], int], *, refuses_threads: bool = False) -> int:
-    """``fork()`` with the lean after-fork hooks (see _AtFork); the full list is back
-    in the server afterwards, whether the fork worked or not. ``refuses_threads``:
-    ``fork`` raises in a process with threads (fork_as_sibling), so the thread count
-    is not read twice per fork."""
-    lean = AT_FORK.use_lean(check_threads=not refuses_threads)
-    try:
-        return fork()
-    finally:
-        if lean:
-            AT_FORK.use_full()  # in the child too: a page it would write anyway
+def _fork() -> int:
+    """``os.fork()`` on the double-fork path: lean hooks only while there is one thread."""
+    if AT_FORK.lean and proc.thread_count() != 1:
+        AT_FORK.use_full()  # another thread could hold a lock at the fork: every hook runs
+    return os.fork()
 
 
-def _run_daemon(plan_json: str, ipc_fd: int, reparenting: bool) -> None:
+def _run_daemon(plan_json: bytes | bytearray, ipc_fd: int, reparenting: bool) -> None:
     """In the daemon, right after the fork: read the plan, set up, run. Never returns."""
     from . import daemon
     from .spawner import LaunchPlan, apply_in_child, child_fail, tie_to_parent
@@ -399,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     _own_signals()  # the rehearsal's event loop reset them
     set_title("agentctl-swarm fork-server")
     global SIBLING_FORK, SUPERVISOR_PID
-    SIBLING_FORK = not args.double_fork and proc.can_fork_as_sibling()
+    if not args.double_fork and proc.can_fork_as_sibling():
+        SIBLING_FORK = proc.sibling_forker()
     SUPERVISOR_PID = os.getppid()
     return serve(sock)
 

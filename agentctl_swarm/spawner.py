@@ -71,7 +71,7 @@ class LaunchPlan:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "LaunchPlan":
+    def from_json(cls, text: str | bytes | bytearray) -> "LaunchPlan":
         data = json.loads(text)
         data["keep_fds"] = tuple(data.get("keep_fds", ()))
         return cls(**data)
@@ -279,7 +279,7 @@ class ForkServerClient:
         req_id = self._next_id
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
-        body = json.dumps({"id": req_id, "plan": plan.to_json()}).encode()
+        body = b"%d\n" % req_id + plan.to_json().encode()  # the fork-server reads only the id
         try:
             socket.send_fds(self._sock, [body], [pass_fd])
         except OSError as exc:

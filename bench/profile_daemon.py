@@ -205,6 +205,7 @@ def main() -> int:
     if args.floor:
         floor_report()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    forkserver.AT_FORK.use_lean()  # as the fork-server serves
     kids: list[tuple[int, socket.socket]] = []
     phases: dict[str, list[float]] = {"fork_ms": [], "hello_ms": [], "ready_ms": []}
     mem: dict[str, list[float]] = {"uss_at_hello_mb": [], "uss_at_ready_mb": [], "uss_idle_mb": []}
@@ -214,7 +215,7 @@ def main() -> int:
             name = f"prof-{i:03d}"
             out = work / "ws" / name / f"profile.{mode}"  # the daemon Landlocks itself to its workspace
             t_fork = time.perf_counter()
-            pid = forkserver._fork_lean(os.fork)  # as the fork-server forks
+            pid = os.fork()
             if pid == 0:
                 ours.close()
                 child(theirs.fileno(), name, mode if i == 0 else "plain", out)

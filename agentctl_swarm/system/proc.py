@@ -44,6 +44,7 @@ import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -71,14 +72,39 @@ _SYS_CLONE = {"x86_64": 56, "aarch64": 220}  # arches where clone(flags, 0, 0, 0
 
 
 @functools.lru_cache(maxsize=None)  # built once, not on every fork
-def _raw_clone() -> "ctypes._CFuncPtr | None":
+def sibling_forker() -> "Callable[[], int] | None":
+    """``fork_as_sibling`` without its thread check, prepared once for a caller that
+    forks often and has made sure that it has a single thread (the fork-server).
+
+    The ctypes functions and their arguments are built here, so that a fork
+    allocates next to nothing: every page the fork-server writes between two
+    forks is copied into the newest daemon. None on an unknown architecture."""
     nr = _SYS_CLONE.get(platform.machine())
     if nr is None:
         return None
-    func = ctypes.PyDLL(None, use_errno=True).syscall  # PyDLL: the GIL stays held
-    func.restype = ctypes.c_long
-    func.argtypes = [ctypes.c_long] * 6
-    return functools.partial(func, nr)  # type: ignore[return-value]
+    libc = ctypes.PyDLL(None)  # PyDLL: the GIL stays held
+    before, in_child, in_parent = libc.PyOS_BeforeFork, libc.PyOS_AfterFork_Child, libc.PyOS_AfterFork_Parent
+    for hook in (before, in_child, in_parent):
+        hook.argtypes, hook.restype = (), None
+    clone = libc.syscall
+    clone.restype = ctypes.c_long
+    zero = ctypes.c_long(0)
+    args = (ctypes.c_long(nr), ctypes.c_long(_CLONE_PARENT | signal.SIGCHLD), zero, zero, zero, zero)
+    errno_location = libc.__errno_location
+    errno_location.restype = ctypes.POINTER(ctypes.c_int)
+
+    def fork() -> int:
+        before()
+        pid = clone(*args)
+        if pid == 0:
+            in_child()
+            return 0
+        err = errno_location()[0] if pid < 0 else 0  # read before anything can change it
+        in_parent()
+        if pid < 0:
+            raise OSError(err, f"clone(CLONE_PARENT): {os.strerror(err)}")
+        return pid
+    return fork
 
 
 def can_fork_as_sibling() -> bool:
@@ -87,9 +113,13 @@ def can_fork_as_sibling() -> bool:
 
 
 def thread_count() -> int:
-    """Threads in this process (0 if /proc cannot tell)."""
+    """Threads in this process (0 if /proc cannot tell).
+
+    ``/proc/self/task`` has 2 + one link per thread: a stat, where listing the
+    directory would allocate a 32 kB buffer."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        links = os.stat("/proc/self/task").st_nlink - 2
+        return links if links > 0 else len(os.listdir("/proc/self/task"))
     except OSError:
         return 0
 
@@ -99,20 +129,10 @@ def fork_as_sibling() -> int:
 
     Only for a single-threaded caller (see the design note); OSError if unsupported.
     """
-    clone = _raw_clone()
-    if clone is None or thread_count() != 1:
+    fork = sibling_forker()
+    if fork is None or thread_count() != 1:
         raise OSError(errno.ENOSYS, "fork_as_sibling needs x86_64 or aarch64 and a single thread")
-    api = ctypes.pythonapi
-    api.PyOS_BeforeFork()
-    pid = clone(_CLONE_PARENT | signal.SIGCHLD, 0, 0, 0, 0)
-    if pid == 0:
-        api.PyOS_AfterFork_Child()
-        return 0
-    err = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
-    if pid < 0:
-        raise OSError(err, f"clone(CLONE_PARENT): {os.strerror(err)}")
-    return pid
+    return fork()
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:

@@ -9,13 +9,15 @@ fork), which prints what it saw as JSON.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from agentctl_swarm.spawner import EXIT_SETUP_FAILED
+from agentctl_swarm.spawner import EXIT_SETUP_FAILED, LaunchPlan
 from agentctl_swarm.system import proc
 
 pytestmark = pytest.mark.skipif(not proc.can_fork_as_sibling(),
@@ -125,3 +127,48 @@ def test_each_fork_path_makes_the_daemon_the_supervisors_child(mode: str) -> Non
         assert daemon["ppid"] == seen["me"], daemon  # reaped by us, with its exit status
         assert daemon["status"] == 0, daemon
     assert seen["bad_exit"] == EXIT_SETUP_FAILED
+
+
+def test_bad_requests_get_an_error_and_the_server_keeps_serving() -> None:
+    """The wire format, from the supervisor's side: ``<id>\\n<plan JSON>`` with one
+    descriptor. Malformed requests are answered with an error (every descriptor
+    received is closed) and the next good request still gets a daemon."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = subprocess.Popen([sys.executable, "-m", "agentctl_swarm.forkserver", "--fd", str(theirs.fileno())],
+                              pass_fds=[theirs.fileno()])
+    theirs.close()
+    ours.settimeout(30)
+    try:
+        assert json.loads(ours.recv(4096))["ready"]
+
+        def ask(body: bytes, nfds: int = 1) -> tuple[dict, list[socket.socket]]:
+            pairs = [socket.socketpair() for _ in range(nfds)]
+            socket.send_fds(ours, [body], [theirs.fileno() for _, theirs in pairs])
+            for _, theirs in pairs:
+                theirs.close()
+            return json.loads(ours.recv(4096)), [mine for mine, _ in pairs]
+
+        def closed_by_server(mine: socket.socket) -> bool:
+            mine.settimeout(10)
+            return mine.recv(1) == b""  # EOF: no copy of the other end is left open
+
+        reply, _ = ask(b"no id line")
+        assert reply["id"] == -1 and "no id line" in reply["error"]
+        reply, mine = ask(b"7\n{}", nfds=2)
+        assert reply["id"] == 7 and "expected 1 descriptor, got 2" in reply["error"]
+        assert all(closed_by_server(m) for m in mine)
+        reply, mine = ask(b"8\n" + b" " * (70 * 1024))
+        assert reply["id"] == 8 and "larger than" in reply["error"]
+        assert closed_by_server(mine[0])
+
+        plan = LaunchPlan(name="good", supervisor_pid=os.getpid())
+        reply, mine = ask(b"9\n" + plan.to_json().encode())
+        assert reply == {"id": 9, "pid": reply["pid"]}
+        mine[0].settimeout(10)
+        assert b'"hello"' in mine[0].recv(4096)  # the daemon parsed its plan and says hello
+        mine[0].close()  # no boot: it exits
+        _pid, status = os.waitpid(reply["pid"], 0)  # our child (CLONE_PARENT)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        ours.close()  # the server exits when its supervisor hangs up
+        assert server.wait(timeout=30) == 0

@@ -85,14 +85,21 @@ AT_FORK = """
     from agentctl_swarm import forkserver
 
     ran = []
+    python_calls = []  # Python functions of the standard library entered while forking (hooks)
+
+    def watch(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        if event == "call" and module != "__main__" and not module.startswith("agentctl_swarm"):
+            python_calls.append(frame.f_code.co_name)
 
     def child_report(fd, as_daemon):
-        msg = {"limbo_lock": id(threading._active_limbo_lock), "extra_hook_ran": bool(ran)}
+        msg = {"limbo_lock": id(threading._active_limbo_lock), "extra_hook_ran": bool(ran),
+               "hooks_in_child": list(python_calls)}
         if as_daemon:
             forkserver.AT_FORK.in_daemon()  # what the fork-server's _run_daemon does first
         msg["random"] = random.random()
-        # the logging lock taken by logging's before-fork hook must be free for
-        # another thread of the child (a thread-pool worker that logs, say)
+        # logging's lock (taken by its before-fork hook when that runs) must be free
+        # for another thread of the child (a thread-pool worker that logs, say)
         got = []
         def take():
             got.append(logging._lock.acquire(timeout=2))
@@ -110,9 +117,12 @@ AT_FORK = """
         os.write(fd, json.dumps(msg).encode())
         os._exit(0)
 
-    def fork_lean(as_daemon=True):
+    def fork(as_daemon=True):
         r, w = os.pipe()
-        pid = forkserver._fork_lean(os.fork)
+        python_calls.clear()
+        sys.setprofile(watch)
+        pid = forkserver._fork()  # as the fork-server forks (double-fork path)
+        sys.setprofile(None)
         if pid == 0:
             child_report(w, as_daemon)
         os.close(w)
@@ -120,34 +130,42 @@ AT_FORK = """
         while chunk := os.read(r, 65536):
             data += chunk
         os.waitpid(pid, 0)
-        return json.loads(data)
+        child = json.loads(data)
+        child["hooks_in_parent"] = list(python_calls)
+        return child
 
     forkserver.AT_FORK.find()
     parent = {"limbo_lock": id(threading._active_limbo_lock),
-              "found": forkserver.AT_FORK.hooks is not None,
-              "hooks_back": forkserver.AT_FORK.hooks == forkserver.AT_FORK.full}
-    daemons = [fork_lean(), fork_lean()]
-    raw = [fork_lean(as_daemon=False), fork_lean(as_daemon=False)]
-    parent["hooks_back"] = parent["hooks_back"] and forkserver.AT_FORK.hooks == forkserver.AT_FORK.full
+              "lean": forkserver.AT_FORK.use_lean()}  # what serve() does first
+    daemons = [fork(), fork()]
+    raw = [fork(as_daemon=False), fork(as_daemon=False)]
+    parent["still_lean"] = forkserver.AT_FORK.lean
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
-    threaded = fork_lean()  # another thread might hold a lock: every hook runs
+    threaded = fork()  # another thread might hold a lock: every hook runs from now on
     stop.set(); worker.join()
-    os.register_at_fork(after_in_child=lambda: ran.append(1))  # unknown to AT_FORK
-    unknown = fork_lean()
+    parent["lean_after_thread"] = forkserver.AT_FORK.lean
+
+    forkserver.AT_FORK.find()  # a hook registered after find(): nothing is left out
+    os.register_at_fork(after_in_child=lambda: ran.append(1))
+    parent["lean_with_unknown"] = forkserver.AT_FORK.use_lean()
+    unknown = fork()
     print(json.dumps({"parent": parent, "daemons": daemons, "raw": raw,
                       "threaded": threaded, "unknown": unknown}))
 """
 
 
-def test_daemons_are_forked_without_the_python_after_fork_hooks() -> None:
+def test_daemons_are_forked_without_the_python_fork_hooks() -> None:
     data = _run(AT_FORK)
     parent, daemons, raw = data["parent"], data["daemons"], data["raw"]
-    assert parent["found"] and parent["hooks_back"]  # the server's list is whole after each fork
+    assert parent["lean"] and parent["still_lean"]  # installed once, kept while serving
     for child in daemons + raw:
-        assert child["limbo_lock"] == parent["limbo_lock"]  # threading's hook did not run
-        assert child["logging_lock_free"]  # ...yet logging's lock was released
+        assert child["hooks_in_parent"] == []  # logging's lock is not taken and released
+        assert child["hooks_in_child"] == []  # no Python code runs in the child either...
+        assert child["limbo_lock"] == parent["limbo_lock"]  # (threading's hook did not run)
+        assert child["logging_lock_free"]  # ...yet logging's lock is usable
+    for child in daemons:
         assert child["grandchild_limbo_lock"] != parent["limbo_lock"]  # a daemon's own forks run every hook
     assert raw[0]["random"] == raw[1]["random"]  # random's hook did not run either...
     assert daemons[0]["random"] != daemons[1]["random"]  # ...so each daemon reseeds itself
@@ -155,10 +173,14 @@ def test_daemons_are_forked_without_the_python_after_fork_hooks() -> None:
 
 def test_every_hook_runs_when_the_server_has_threads_or_an_unknown_hook() -> None:
     data = _run(AT_FORK)
-    parent = data["parent"]
-    assert data["threaded"]["limbo_lock"] != parent["limbo_lock"]
-    assert data["unknown"]["extra_hook_ran"]
-    assert data["unknown"]["limbo_lock"] != parent["limbo_lock"]
+    parent, threaded, unknown = data["parent"], data["threaded"], data["unknown"]
+    assert not parent["lean_after_thread"]
+    assert "_after_fork" in threaded["hooks_in_child"]  # threading's hook ran
+    assert "_acquireLock" in threaded["hooks_in_parent"]
+    assert threaded["limbo_lock"] != parent["limbo_lock"]
+    assert not parent["lean_with_unknown"]
+    assert unknown["extra_hook_ran"]
+    assert unknown["limbo_lock"] != parent["limbo_lock"]
 
 
 def test_hot_code_still_runs_the_rehearsal_when_another_profiler_holds_the_hook(monkeypatch) -> None:
