@@ -108,7 +108,7 @@ def _reset_signals() -> None:
     """Drop the parent's Python-level signal plumbing (its wakeup fd belongs to the parent)."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
+        proc.set_signal(sig, signal.SIG_DFL)
 
 
 def tie_to_parent(supervisor_pid: int, sig: int, reparenting: bool) -> None:

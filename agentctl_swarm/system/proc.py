@@ -29,12 +29,16 @@ Design note
   re-registering the robust-mutex list, and updating the TID cached in the
   thread descriptor, which glibc tolerates as it does after ``vfork``
   (``raise`` and ``pthread_kill`` on oneself ask the kernel for the TID).
+  ``sibling_forker`` is the same fork prepared once, without the per-call
+  thread check, for the fork-server's loop (which rules threads out itself):
+  every page that loop writes between two forks ends up in a daemon's USS.
 * ``/proc/PID/task/TID/children`` needs ``CONFIG_PROC_CHILDREN``, which the
   kernels we run on lack, so ``children_of`` scans ``/proc/*/stat``.
 """
 
 from __future__ import annotations
 
+import _signal  # the C functions behind ``signal``: see set_signal
 import ctypes
 import errno
 import functools
@@ -44,7 +48,7 @@ import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -133,6 +137,18 @@ def fork_as_sibling() -> int:
     if fork is None or thread_count() != 1:
         raise OSError(errno.ENOSYS, "fork_as_sibling needs x86_64 or aarch64 and a single thread")
     return fork()
+
+
+def set_signal(sig: int, handler: "Callable[[int, Any], None] | int") -> None:
+    """``signal.signal(sig, handler)`` without the wrapper's enum conversions.
+
+    ``signal.signal`` converts its arguments and its result to and from enums,
+    which runs the enum machinery's Python code; in a forked daemon every shared
+    object that touches is a copied page (asyncio's ``add_signal_handler``, which
+    also builds the set of all valid signals as enums, cost a daemon 0.3 MB, and
+    ``signal.signal`` itself 0.13 MB for two calls; measured). The C function
+    behind it takes plain ints and handlers (SIG_DFL and SIG_IGN as the ints)."""
+    _signal.signal(sig, handler if callable(handler) else int(handler))
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
