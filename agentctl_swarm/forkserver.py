@@ -158,8 +158,10 @@ class _AtFork:
         except AttributeError:
             return
         found = []
+        ours = [full for _, full, _ in self.lists]  # our copies from an earlier find()
         for known in (logging._acquireLock, threading._after_fork, logging._releaseLock):
-            lists = [ref for ref in gc.get_referrers(known) if type(ref) is list and known in ref]
+            lists = [ref for ref in gc.get_referrers(known) if type(ref) is list and known in ref
+                     and not any(ref is copy for copy in ours)]
             if len(lists) != 1:
                 return
             full = list(lists[0])
@@ -283,8 +285,6 @@ def prestart() -> tuple[int, socket.socket]:
 
 _REQUEST = bytearray(MAX_REQUEST)  # every request is received into this one buffer (see serve)
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
-
-
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # an int: the enum's "|" is Python code
 
 
@@ -353,7 +353,7 @@ def _spawn(sock: socket.socket, req_id: int, start: int, end: int, ipc_fd: int) 
     """Fork the daemon and answer with its PID; the daemon reads its own plan
     (``_REQUEST[start:end]``, its copy of the buffer)."""
     if SIBLING_FORK is not None:
-        if _thread._count():  # (other threads were ruled out when serving began)
+        if _thread._count():  # (any other thread was ruled out before serving: main())
             raise OSError(errno.EDEADLK, "the fork-server has a second thread")
         pid = SIBLING_FORK()
         if pid == 0:

@@ -1,6 +1,6 @@
 """Where a forked daemon's boot time and private memory go.
 
-Run:  python bench/profile_daemon.py [--daemons 20] [--cprofile] [--tracemalloc]
+Run:  python bench/profile_daemon.py [--daemons 20] [--cprofile] [--tracemalloc] [--phases]
 
 This process plays supervisor and fork-server at once: it preloads exactly as the
 fork-server does (``forkserver.preload()``, which ends in ``gc.freeze()``), then
@@ -184,6 +184,91 @@ def floor_report() -> None:
         os.waitpid(pid, 0)
 
 
+# Where phases_report freezes a daemon: (label, object, attribute, "before"/"after").
+# Each label's USS minus the previous one's is what that step of the boot adds.
+PHASES = [("event loop and signal handlers", "Daemon", "_catch_stop_signals", "after"),
+          ("IPC channel open, hello sent", "Daemon", "send_ipc", "after"),
+          ("boot message received", "Daemon", "_ipc_boot", "after"),
+          ("logging to the supervisor, title", "workspace", "prepare", "before"),
+          ("workspace made, key generated", "Identity", "generate", "after"),
+          ("key saved, workspace files written", "Daemon", "_prepare", "after"),
+          ("Landlock confinement", "Daemon", "_confine", "after"),
+          ("relay connected, identified, joined: ready", "Daemon", "_on_link_event", "after"),
+          ("idle, 1 s later", None, None, None)]
+
+
+def phases_report(relay_url: str, work: Path, reps: int = 3) -> None:
+    """USS of forked daemons frozen at each step of the boot (medians of ``reps``).
+
+    Each child is stopped at one point (it blocks on a pipe there) and measured from
+    here; everything the parent does after forking is done before the fork (the boot
+    message is built first), since a page the parent writes later is copied into the
+    child and would count as the child's."""
+    from agentctl_swarm import daemon, forkserver, workspace
+    from agentctl_swarm.agentchat.identity import Identity
+    from agentctl_swarm.spawner import LaunchPlan, apply_in_child
+    owners = {"Daemon": daemon.Daemon, "workspace": workspace, "Identity": Identity}
+    results: dict[str, list[float]] = {label: [] for label, *_ in PHASES}
+    for rep in range(reps):
+        for i, (label, owner, attr, when) in enumerate(PHASES):
+            name = f"phase-{rep}-{i}"
+            boot = ipc.encode(boot_message(name, work / "ws", relay_url))
+            stopped_r, stopped_w = os.pipe()
+            hold_r, hold_w = os.pipe()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:
+                ours.close()
+                if owner is not None:
+                    _stop_at(owners[owner], attr, when, stopped_w, hold_r)
+                forkserver.AT_FORK.in_daemon()
+                apply_in_child(LaunchPlan(name=name, keep_fds=(theirs.fileno(), stopped_w, hold_r),
+                                          supervisor_pid=None))
+                os._exit(daemon.main_forked(theirs.fileno()))
+            theirs.close()
+            if i > 1:
+                wait_for(ours, "hello")
+                ours.sendall(boot)
+            if owner is None:
+                wait_for(ours, "ready")
+                time.sleep(1.0)
+            else:
+                os.read(stopped_r, 1)
+                time.sleep(0.2)
+            results[label].append(uss_kb(pid) / 1024)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            for fd in (stopped_r, stopped_w, hold_r, hold_w):
+                os.close(fd)
+            ours.close()
+    previous = None
+    print("USS of a forked daemon stopped at each step of its boot (MB, median; + what the step adds):")
+    for label, values in results.items():
+        median = statistics.median(values)
+        added = "" if previous is None else f"+{(median - previous) * 1024:5.0f} kB"
+        print(f"  {median:6.2f}  {added:9s}  {label}")
+        previous = median
+
+
+def _stop_at(owner: Any, attr: str, when: str, stopped_w: int, hold_r: int) -> None:
+    """In the child: block (for good) just before or after ``owner.attr`` runs."""
+    original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+    func = original.__func__ if isinstance(original, classmethod) else original
+
+    def stop() -> None:
+        os.write(stopped_w, b"x")
+        os.read(hold_r, 1)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if when == "before":
+            stop()
+        result = func(*args, **kwargs)
+        if when == "after":
+            stop()
+        return result
+    setattr(owner, attr, classmethod(wrapper) if isinstance(original, classmethod) else wrapper)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--daemons", type=int, default=20)
@@ -193,6 +278,8 @@ def main() -> int:
                         help="which parent objects lie on an idle daemon's private pages (root)")
     parser.add_argument("--floor", action="store_true",
                         help="USS of forked children that only sleep / make an event loop")
+    parser.add_argument("--phases", action="store_true",
+                        help="USS of daemons stopped at each step of the boot (what each step adds)")
     args = parser.parse_args()
     mode = "cprofile" if args.cprofile else "tracemalloc" if args.tracemalloc else "plain"
     work = Path(tempfile.mkdtemp(prefix="profile-daemon-"))
@@ -204,6 +291,11 @@ def main() -> int:
           f"parent USS {uss_kb(os.getpid()) / 1024:.1f} MB")
     if args.floor:
         floor_report()
+    if args.phases:
+        forkserver.AT_FORK.use_lean()  # as the fork-server serves
+        phases_report(relay.url, work)
+        relay.stop()
+        return 0
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     forkserver.AT_FORK.use_lean()  # as the fork-server serves
     kids: list[tuple[int, socket.socket]] = []
