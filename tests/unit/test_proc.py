@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -243,3 +244,10 @@ def test_memory_merge_is_set_per_launch_plan_and_survives_exec_only_as_asked() -
     assert "ksm_merge_any: no" in child(False)
     assert not _merge_any()  # this test process never asked
 
+
+
+def test_pdeathsig_failure_is_reported_with_its_errno() -> None:
+    """A refused prctl surfaces as OSError with the kernel's errno, not a silent no-op."""
+    with pytest.raises(OSError) as failure:
+        proc.set_pdeathsig(999)  # no such signal
+    assert failure.value.errno == errno.EINVAL
