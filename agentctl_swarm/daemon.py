@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ipc, verbs, workspace
+from .system import proc
 from .workspace import ContextState, WorkspaceSpec
 
 log = logging.getLogger("agentctl_swarm.daemon")
@@ -243,7 +244,6 @@ class Daemon:
         daemon). The C-level handler writes the signal's number to a socket the loop
         watches, so a signal delivered to any thread wakes the loop; the Python-level
         handler, run in the main thread, hands the stop over to the loop."""
-        from .system import proc
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -256,6 +256,18 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             proc.set_signal(sig, on_signal)
             signal.siginterrupt(sig, False)
+
+    def _release_stop_signals(self) -> None:
+        """Undo _catch_stop_signals, as the loop's close would: the defaults are back."""
+        if self._wakeup is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            proc.set_signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        asyncio.get_running_loop().remove_reader(self._wakeup[0].fileno())
+        for sock in self._wakeup:
+            sock.close()
+        self._wakeup = None
 
     def _prepare(self) -> Any:
         from .system.title import set_title
@@ -302,15 +314,7 @@ class Daemon:
             await self.client.close()
         if self.channel is not None:
             self.channel.close()
-        if self._wakeup is not None:  # as the loop would on close: defaults back
-            from .system import proc
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                proc.set_signal(sig, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
-            asyncio.get_running_loop().remove_reader(self._wakeup[0].fileno())
-            for sock in self._wakeup:
-                sock.close()
-            self._wakeup = None
+        self._release_stop_signals()
 
     # --- IPC -------------------------------------------------------------
     def send_ipc(self, msg: dict[str, Any]) -> None:
