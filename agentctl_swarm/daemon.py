@@ -151,16 +151,18 @@ async def _rehearse_one(url: str, work: Path, name: str) -> None:
 
 
 def _warm_sandbox(work: Path) -> None:
-    """Build (but never enforce) a Landlock ruleset, as each daemon's confinement does."""
+    """Complete (but never enforce) a Landlock ruleset, as each daemon's confinement
+    completes the one the supervisor hands it (isolation.confine_daemon)."""
     from .system import sandbox
     if sandbox.landlock_abi() < 1:
         return
     (work / "ws").mkdir()
     (work / "tmp").mkdir()
-    policy = sandbox.session_policy(work / "ws", work / "tmp", agent_command="true",
-                                    read_only=["/usr", "/etc/hosts"],
-                                    checked=(str(work), frozenset(["/usr"])))
-    os.close(sandbox.prepare_landlock(policy))
+    fd = sandbox.prepare_landlock(sandbox.shared_policy(["/usr"], work, (str(work), frozenset(["/usr"]))))
+    try:
+        sandbox.add_landlock_rules(fd, read_write=sandbox.own_grants(work / "ws", work / "tmp"))
+    finally:
+        os.close(fd)
 
 
 class IpcLogHandler(logging.Handler):
@@ -182,8 +184,9 @@ class IpcLogHandler(logging.Handler):
 class Daemon:
     """The daemon's event loop side; one instance per process."""
 
-    def __init__(self, ipc_sock: socket.socket) -> None:
+    def __init__(self, ipc_sock: socket.socket, ruleset_fd: int | None = None) -> None:
         self.sock = ipc_sock
+        self.ruleset_fd = ruleset_fd  # our Landlock ruleset, built by the supervisor (_confine)
         self.status = Status.STARTING
         self.boot: dict[str, Any] = {}
         self.spec: WorkspaceSpec | None = None
@@ -279,9 +282,10 @@ class Daemon:
         """Confine this daemon to its workspace where that does not hinder it."""
         from .isolation import confine_daemon
         assert self.spec is not None
+        ruleset_fd, self.ruleset_fd = self.ruleset_fd, None
         try:
             return confine_daemon(self.boot.get("sandbox"), self.spec.root, self.spec.tmp_dir,
-                                  self.boot.get("grants", []))
+                                  self.boot.get("grants", []), ruleset_fd)
         except Exception as exc:  # noqa: BLE001 - an unconfined daemon still works; say so
             log.warning("daemon not confined: %s", exc, extra={"event": "sandbox"})
             return "none"
@@ -527,23 +531,25 @@ def log_to_stderr() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
 
-def _run(ipc_fd: int) -> int:
+def _run(ipc_fd: int, ruleset_fd: int | None) -> int:
     sock = socket.socket(fileno=ipc_fd)
     sock.setblocking(False)
-    return asyncio.run(Daemon(sock).run())
+    return asyncio.run(Daemon(sock, ruleset_fd).run())
 
 
-def main_forked(ipc_fd: int) -> int:
+def main_forked(ipc_fd: int, ruleset_fd: int | None = None) -> int:
     """Entry point in a child forked by the fork-server (after apply_in_child)."""
-    return _run(ipc_fd)
+    return _run(ipc_fd, ruleset_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentctl-swarm-daemon")
     parser.add_argument("--ipc-fd", type=int, required=True)
+    parser.add_argument("--ruleset-fd", type=int, default=None,
+                        help="a Landlock ruleset to complete and enter after boot")
     args = parser.parse_args(argv)
     log_to_stderr()
-    return _run(args.ipc_fd)
+    return _run(args.ipc_fd, args.ruleset_fd)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,8 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def _handle(sock: socket.socket, size: int, flags: int, fds: list[int]) -> None:
-    """One request: ``<id>\\n<plan JSON>`` with the daemon's IPC socket attached."""
+    """One request: ``<id>\\n<plan JSON>`` with the daemon's IPC socket attached, and
+    its Landlock ruleset if it is to be confined (``isolation.daemon_ruleset``)."""
     req_id = -1
     try:
         header = _REQUEST.find(b"\n", 0, size)
@@ -342,14 +343,14 @@ def _handle(sock: socket.socket, size: int, flags: int, fds: list[int]) -> None:
         req_id = int(_REQUEST[:header])
         if flags & _TRUNCATED:
             raise ValueError(f"request larger than {MAX_REQUEST} bytes or {MAX_FDS} descriptors")
-        if len(fds) != 1:
-            raise ValueError(f"expected 1 descriptor, got {len(fds)}")
-        _spawn(sock, req_id, header + 1, size, fds[0])
+        if len(fds) not in (1, 2):
+            raise ValueError(f"expected 1 or 2 descriptors, got {len(fds)}")
+        _spawn(sock, req_id, header + 1, size, fds)
     except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
         _reply(sock, {"id": req_id, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def _spawn(sock: socket.socket, req_id: int, start: int, end: int, ipc_fd: int) -> None:
+def _spawn(sock: socket.socket, req_id: int, start: int, end: int, fds: list[int]) -> None:
     """Fork the daemon and answer with its PID; the daemon reads its own plan
     (``_REQUEST[start:end]``, its copy of the buffer)."""
     if SIBLING_FORK is not None:
@@ -358,7 +359,7 @@ def _spawn(sock: socket.socket, req_id: int, start: int, end: int, ipc_fd: int) 
         pid = SIBLING_FORK()
         if pid == 0:
             sock.close()
-            _run_daemon(_REQUEST[start:end], ipc_fd, reparenting=False)
+            _run_daemon(_REQUEST[start:end], fds, reparenting=False)
         _answer(sock, req_id, pid)
         return
     if _fork() != 0:
@@ -368,7 +369,7 @@ def _spawn(sock: socket.socket, req_id: int, start: int, end: int, ipc_fd: int) 
         if pid == 0:
             sock.close()
             # our parent, the intermediate, exits at once; the daemon waits for that
-            _run_daemon(_REQUEST[start:end], ipc_fd, reparenting=True)
+            _run_daemon(_REQUEST[start:end], fds, reparenting=True)
         _answer(sock, req_id, pid)
     finally:
         os._exit(0)
@@ -381,7 +382,7 @@ def _fork() -> int:
     return os.fork()
 
 
-def _run_daemon(plan_json: bytes | bytearray, ipc_fd: int, reparenting: bool) -> None:
+def _run_daemon(plan_json: bytes | bytearray, fds: list[int], reparenting: bool) -> None:
     """In the daemon, right after the fork: read the plan, set up, run. Never returns."""
     from . import daemon
     from .spawner import LaunchPlan, apply_in_child, child_fail, tie_to_parent
@@ -393,12 +394,12 @@ def _run_daemon(plan_json: bytes | bytearray, ipc_fd: int, reparenting: bool) ->
         # and reads the exit code (a double-forked child might otherwise vanish).
         tie_to_parent(SUPERVISOR_PID, signal.SIGKILL, reparenting)
         child_fail("daemon", ValueError(f"unreadable launch plan: {exc}"))
-    plan.keep_fds = (ipc_fd,)
+    plan.keep_fds = tuple(fds)
     plan.reparenting = reparenting
     apply_in_child(plan)
     code = 1
     try:
-        code = daemon.main_forked(ipc_fd)
+        code = daemon.main_forked(*fds)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

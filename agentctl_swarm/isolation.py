@@ -122,26 +122,48 @@ def _checked(spec: dict[str, Any]) -> tuple[str, frozenset[str]] | None:
     return parent, frozenset(spec["read_only"])
 
 
-def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
-                   grants: list[dict[str, str]]) -> str:
-    """Landlock the daemon itself after boot; returns what is in force ("landlock"/"none").
+def daemon_ruleset(spec: dict[str, Any] | None, workspaces: Path,
+                   grants: list[dict[str, str]]) -> int | None:
+    """The Landlock ruleset of a daemon under ``workspaces``, without its own workspace;
+    None unless its sessions use Landlock. A descriptor, not yet enforced.
 
-    Only with Landlock sessions: bubblewrap cannot start inside a Landlock domain
-    (no mounts). The daemon gets the session's policy plus read access to the
+    The supervisor builds it as it spawns the daemon (~165 rules: in each daemon they
+    cost ~0.26 MB of copied pages and ~1.5 ms, in the supervisor a fraction of that),
+    before the workspace exists; the daemon adds its workspace and enters it
+    (``confine_daemon``). The daemon gets the session's grants plus read access to the
     package (lazy imports) and to the secret files it hands to its sessions; its
-    sessions then nest their own, stricter domain inside this one.
-    """
+    sessions then nest their own, stricter domain inside this one."""
     if not spec or spec.get("kind") != "landlock":
-        return "none"
+        return None
     import agentctl_swarm
     extra = [str(Path(agentctl_swarm.__file__).parent)] + [g["file"] for g in grants if g.get("file")]
     read_only = list(spec.get("read_only") or sandbox.read_only_paths(
-        workspace.parent, agent_command=spec["program"], extra_read=spec.get("extra_read", ())))
-    policy = sandbox.session_policy(workspace, tmpdir, agent_command=spec["program"],
-                                    read_only=read_only + [p for p in extra if Path(p).exists()],
-                                    checked=_checked(spec))
-    sandbox.apply_landlock(policy)
-    return "landlock"
+        workspaces, agent_command=spec["program"], extra_read=spec.get("extra_read", ())))
+    policy = sandbox.shared_policy(read_only + [p for p in extra if Path(p).exists()], workspaces,
+                                   _checked(spec))
+    return sandbox.prepare_landlock(policy)
+
+
+def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
+                   grants: list[dict[str, str]], ruleset_fd: int | None = None) -> str:
+    """Landlock the daemon itself after boot; returns what is in force ("landlock"/"none").
+
+    Only with Landlock sessions: bubblewrap cannot start inside a Landlock domain
+    (no mounts). ``ruleset_fd`` is the ``daemon_ruleset`` the supervisor passed, or
+    None to build it here; it is closed in any case.
+    """
+    try:
+        if not spec or spec.get("kind") != "landlock":
+            return "none"
+        if ruleset_fd is None:
+            ruleset_fd = daemon_ruleset(spec, workspace.parent, grants)
+        assert ruleset_fd is not None
+        sandbox.add_landlock_rules(ruleset_fd, read_write=sandbox.own_grants(workspace, tmpdir))
+        sandbox.restrict_self(ruleset_fd)
+        return "landlock"
+    finally:
+        if ruleset_fd is not None:
+            os.close(ruleset_fd)
 
 
 def policy_from_spec(spec: dict[str, Any]) -> sandbox.SandboxPolicy:

@@ -138,8 +138,9 @@ def child_fail(name: str, exc: BaseException) -> NoReturn:
         os._exit(EXIT_SETUP_FAILED)
 
 
-def daemon_argv(ipc_fd: int) -> list[str]:
-    return [sys.executable, "-m", "agentctl_swarm.daemon", "--ipc-fd", str(ipc_fd)]
+def daemon_argv(ipc_fd: int, ruleset_fd: int | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "agentctl_swarm.daemon", "--ipc-fd", str(ipc_fd)]
+    return argv if ruleset_fd is None else [*argv, "--ruleset-fd", str(ruleset_fd)]
 
 
 def fork_exec(plan: LaunchPlan, argv: list[str]) -> int:
@@ -262,17 +263,18 @@ class ForkServerClient:
                 fut.set_exception(SpawnError(why))
         self._pending.clear()
 
-    async def spawn(self, plan: LaunchPlan, pass_fd: int) -> int:
-        """Ask for one daemon; ``pass_fd`` becomes its IPC descriptor.
+    async def spawn(self, plan: LaunchPlan, pass_fds: list[int]) -> int:
+        """Ask for one daemon; ``pass_fds`` become its IPC descriptor and, if there is a
+        second, its Landlock ruleset (``daemon.main_forked``).
 
         At most FORKSERVER_IN_FLIGHT requests are outstanding, and the timeout
         counts from the send, so a burst of 400 starts queues here instead of
         failing with EAGAIN or timing out while still waiting in line.
         """
         async with self._slots:
-            return await self._spawn(plan, pass_fd)
+            return await self._spawn(plan, pass_fds)
 
-    async def _spawn(self, plan: LaunchPlan, pass_fd: int) -> int:
+    async def _spawn(self, plan: LaunchPlan, pass_fds: list[int]) -> int:
         if not self.alive or self._sock is None:
             raise SpawnError("fork-server is not running")
         self._next_id += 1
@@ -281,7 +283,7 @@ class ForkServerClient:
         self._pending[req_id] = fut
         body = b"%d\n" % req_id + plan.to_json().encode()  # the fork-server reads only the id
         try:
-            socket.send_fds(self._sock, [body], [pass_fd])
+            socket.send_fds(self._sock, [body], pass_fds)
         except OSError as exc:
             self._pending.pop(req_id, None)
             raise SpawnError(f"fork-server unreachable: {exc}") from None
@@ -354,13 +356,18 @@ class Spawner:
         assert self.forkserver is not None
         return self.forkserver.launch(forkserver_plan(self.supervisor_pid, cgroup))
 
-    async def spawn_daemon(self, plan: LaunchPlan) -> tuple[int, socket.socket, str]:
-        """Start one daemon. Returns (pid, the supervisor's IPC socket, the path used)."""
+    async def spawn_daemon(self, plan: LaunchPlan,
+                           ruleset_fd: int | None = None) -> tuple[int, socket.socket, str]:
+        """Start one daemon. Returns (pid, the supervisor's IPC socket, the path used).
+
+        ``ruleset_fd``: the daemon's Landlock ruleset (``isolation.daemon_ruleset``),
+        passed on; the caller keeps (and closes) its own descriptor."""
         plan.supervisor_pid = self.supervisor_pid
+        extra = [] if ruleset_fd is None else [ruleset_fd]
         if self.forkserver is not None and self.forkserver.alive:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                pid = await self.forkserver.spawn(plan, theirs.fileno())
+                pid = await self.forkserver.spawn(plan, [theirs.fileno(), *extra])
                 return pid, ours, "fork-server"
             except SpawnError as exc:
                 # A late answer may still start a daemon on this socketpair: closing our
@@ -372,13 +379,13 @@ class Spawner:
                 raise
             finally:
                 theirs.close()
-        return self._exec_daemon(plan)
+        return self._exec_daemon(plan, extra)
 
-    def _exec_daemon(self, plan: LaunchPlan) -> tuple[int, socket.socket, str]:
+    def _exec_daemon(self, plan: LaunchPlan, extra: list[int]) -> tuple[int, socket.socket, str]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            plan.keep_fds = (theirs.fileno(),)
-            return fork_exec(plan, daemon_argv(theirs.fileno())), ours, "exec"
+            plan.keep_fds = (theirs.fileno(), *extra)
+            return fork_exec(plan, daemon_argv(theirs.fileno(), *extra)), ours, "exec"
         except BaseException:
             ours.close()
             raise

@@ -28,13 +28,13 @@ from . import ipc
 from .config import ConfigError, SwarmConfig, diff_configs, load_config
 from .coordinator import Coordinator
 from .health import HealthMonitor
-from .isolation import Isolation
+from .isolation import Isolation, daemon_ruleset
 from .paths import SwarmPaths
 from .reaper import Reaper
 from .restart_policy import GiveUp, RestartTracker
 from .spawner import ForkServerClient, LaunchPlan, Spawner, SpawnError, fork_exec
 from .state import read_json, write_json_atomic
-from .system import proc
+from .system import proc, sandbox
 from .system.cgroups import CgroupManager
 from .system.journal import log_fields
 from .system.notify import Notifier
@@ -412,8 +412,10 @@ class Supervisor:
         if slot.retiring or self.stopping:
             self.spawner.gate.leave(slot.name)
             return
+        boot = self.boot_message(slot, cgroup)
+        ruleset = self._daemon_ruleset(slot, boot)
         try:
-            pid, sock, via = await self.spawner.spawn_daemon(plan)
+            pid, sock, via = await self.spawner.spawn_daemon(plan, ruleset)
         except (SpawnError, OSError) as exc:
             self.spawner.gate.leave(slot.name)
             log.error("could not start %s: %s", slot.name, exc, extra=slot.fields(event="spawn"))
@@ -422,6 +424,9 @@ class Supervisor:
         except BaseException:
             self.spawner.gate.leave(slot.name)
             raise
+        finally:
+            if ruleset is not None:
+                os.close(ruleset)
         slot.pid, slot.spawned_via, slot.started_at = pid, via, time.monotonic()
         slot.idle_since = slot.started_at
         slot.restarts.on_start(slot.started_at)
@@ -430,9 +435,19 @@ class Supervisor:
         sock.setblocking(False)
         slot.channel = await ipc.open_channel(
             sock, lambda msg, s=slot: self._on_ipc(s, msg), lambda exc, s=slot: None)
-        slot.channel.send(self.boot_message(slot, cgroup))
+        slot.channel.send(boot)
         self.health.beat(slot.name, time.monotonic())
         log.info("started %s (pid %s, %s)", slot.name, pid, via, extra=slot.fields(event="spawn"))
+
+    def _daemon_ruleset(self, slot: Slot, boot: dict[str, Any]) -> int | None:
+        """The Landlock ruleset the daemon completes and enters after boot (built here,
+        where it is cheap); None if it is not to be confined or this failed: the daemon
+        then tries itself, and says why if it cannot."""
+        try:
+            return daemon_ruleset(boot["sandbox"], self.config.workspace_base, boot["grants"])
+        except (sandbox.SandboxError, OSError) as exc:
+            log.debug("no ruleset for %s: %s", slot.name, exc, extra=slot.fields(event="sandbox"))
+            return None
 
     def boot_message(self, slot: Slot, cgroup: dict[str, Any] | None) -> dict[str, Any]:
         cfg, role = self.config, self.config.for_role(slot.role)

@@ -327,11 +327,10 @@ def check_read_only(paths: Iterable[str], parent: str) -> None:
                                "other workspaces would be readable")
 
 
-def _check_read_only(paths: list[str], workspace: Path,
+def _check_read_only(paths: list[str], parent: str,
                      checked: tuple[str, frozenset[str]] | None = None) -> None:
-    """``check_read_only`` for this workspace; ``checked`` = (parent, paths) that the
+    """``check_read_only`` against ``parent``; ``checked`` = (parent, paths) that the
     supervisor already verified against that parent, so a boot need not resolve them again."""
-    parent = os.path.dirname(os.path.realpath(workspace))
     if checked is not None and checked[0] == parent:
         paths = [p for p in paths if p not in checked[1]]
     check_read_only(paths, parent)
@@ -377,9 +376,26 @@ def session_policy(workspace: Path, tmpdir: Path, *, agent_command: str,
                              extra_read=extra_read)
     else:
         ro = tuple(read_only)
-    _check_read_only(list(ro), workspace, checked)
+    _check_read_only(list(ro), os.path.dirname(os.path.realpath(workspace)), checked)
     rw = _dedupe_existing([str(workspace), str(tmpdir), *_DEVICES_RW, *extra_write])
     return SandboxPolicy(read_write=rw, read_only=tuple(p for p in ro if p not in rw))
+
+
+def shared_policy(read_only: Iterable[str], workspaces: Path,
+                  checked: tuple[str, frozenset[str]] | None = None) -> SandboxPolicy:
+    """``session_policy`` without the workspace and its tmp: what any process confined to
+    a workspace under ``workspaces`` may use. A parent can build its ruleset
+    (``prepare_landlock``) before the workspace exists; the child then adds its
+    ``own_grants`` (``add_landlock_rules``) and enters it."""
+    ro = tuple(read_only)
+    _check_read_only(list(ro), os.path.realpath(workspaces), checked)
+    return SandboxPolicy(read_write=_dedupe_existing(_DEVICES_RW), read_only=ro)
+
+
+def own_grants(workspace: Path, tmpdir: Path) -> tuple[str, ...]:
+    """The read-write half of ``session_policy`` that ``shared_policy`` leaves out."""
+    _check_tmpdir(tmpdir)
+    return _dedupe_existing([str(workspace), str(tmpdir)])
 
 
 # --- Landlock enforcement -----------------------------------------------------
@@ -398,14 +414,22 @@ def prepare_landlock(policy: SandboxPolicy, abi: int | None = None) -> int:
     if fd < 0:
         raise SandboxError(f"landlock: create_ruleset failed: {os.strerror(-fd)}")
     try:
-        rule = _PathBeneathAttr(0, -1)  # one struct, refilled per rule: ~170 rules per boot
-        for paths, access in ((policy.read_only, _READ_ONLY & handled), (policy.read_write, handled)):
-            for path in paths:
-                _add_rule(fd, rule, path, access)
+        add_landlock_rules(fd, read_only=policy.read_only, read_write=policy.read_write, abi=abi)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def add_landlock_rules(ruleset_fd: int, *, read_only: Iterable[str] = (),
+                       read_write: Iterable[str] = (), abi: int | None = None) -> None:
+    """Grant more paths in a ruleset not yet enforced (one ``prepare_landlock`` built,
+    possibly in another process that passed the descriptor on)."""
+    handled = handled_fs_rights(landlock_abi() if abi is None else abi)
+    rule = _PathBeneathAttr(0, -1)  # one struct, refilled per rule: ~170 rules per ruleset
+    for paths, access in ((read_only, _READ_ONLY & handled), (read_write, handled)):
+        for path in paths:
+            _add_rule(ruleset_fd, rule, path, access)
 
 
 def _add_rule(ruleset_fd: int, rule: "_PathBeneathAttr", path: str, access: int) -> None:

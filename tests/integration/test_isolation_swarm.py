@@ -404,11 +404,15 @@ def test_hooks_planted_in_the_workspace_do_not_run_outside_the_sandbox(tmp_path:
     assert leaked == [], f"a planted hook read the supervisor's environment: {leaked}"
 
 
-@pytest.mark.parametrize("kind", [
-    "landlock",  # the daemon is confined: placing the link out there is refused
-    "bwrap",
+@pytest.mark.parametrize("kind,spawn", [
+    # the daemon is confined: placing the link out there is refused; the supervisor
+    # hands it its ruleset through the fork-server, or on the exec'd command line
+    ("landlock", "fork-server"),
+    ("landlock", "exec"),
+    ("bwrap", "fork-server"),
 ])
-def test_secret_link_placement_does_not_follow_planted_symlinks(tmp_path: Path, kind: str) -> None:
+def test_secret_link_placement_does_not_follow_planted_symlinks(tmp_path: Path, kind: str,
+                                                                spawn: str) -> None:
     problem = bwrap_problem() if kind == "bwrap" else landlock_problem()
     if problem:
         pytest.skip(problem)
@@ -417,7 +421,7 @@ def test_secret_link_placement_does_not_follow_planted_symlinks(tmp_path: Path, 
     outside.mkdir()
     secret = tmp_path / "token"
     secret.write_text(FILE_SECRET)
-    config = base_config(count=1, sandbox=kind, **{"workspace-base": str(home / "ws")}, secrets=[
+    config = base_config(count=1, sandbox=kind, spawn=spawn, **{"workspace-base": str(home / "ws")}, secrets=[
         {"name": "tok", "file": str(secret), "path": ".secrets/token", "agents": ["swarm-general-001"]}])
     with Swarm(home, config) as swarm:
         swarm.start(timeout=TIMEOUT)

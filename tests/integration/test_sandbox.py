@@ -25,7 +25,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -399,3 +399,96 @@ def test_a_workspace_base_inside_a_read_only_grant_is_not_vouched_for(tmp_path: 
     config = load_config(cfg, env={"HOME": str(tmp_path)})
     spec = Isolation(config, SandboxKind.LANDLOCK).sandbox_spec("swarm-general-001", "general")
     assert spec is not None and spec["read_only_checked_for"] is None and _checked(spec) is None
+
+
+def _in_child(body: Callable[[], dict[str, bool]]) -> dict[str, bool]:
+    """Run ``body`` in a forked child (Landlock is irreversible); return what it reports."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, json.dumps(body()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        out = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(out)
+
+
+def _can(action: Callable[[], object]) -> bool:
+    try:
+        action()
+    except PermissionError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="this kernel offers no Landlock")
+@pytest.mark.parametrize("built_by", ["parent", "daemon"])
+def test_a_daemon_completes_the_ruleset_its_supervisor_built(tmp_path: Path, built_by: str) -> None:
+    """isolation.daemon_ruleset (the supervisor, before the workspace exists) plus
+    confine_daemon (the daemon, after it made its workspace) confine the daemon to its
+    workspace, the read-only grants and the secret files it hands on; the descriptor is
+    closed. With no descriptor passed (built_by="daemon") the daemon builds it alike."""
+    from agentctl_swarm.isolation import confine_daemon, daemon_ruleset
+    base = tmp_path / "claude"
+    ws, sibling, tmp = base / "swarm-general-001", base / "swarm-general-002", tmp_path / "tmp-001"
+    shared = tmp_path / "shared-ro"
+    secret = tmp_path / "token"
+    for d in (shared, sibling, tmp):
+        d.mkdir(parents=True)
+    (sibling / "context.md").write_text("sibling")
+    (shared / "readme").write_text("ro")
+    secret.write_text("s3cret")
+    spec = {"kind": "landlock", "program": "true", "read_only": ["/usr", str(shared)],
+            "read_only_checked_for": os.path.realpath(base)}
+    grants = [{"name": "tok", "file": str(secret)}]
+    fd = daemon_ruleset(spec, base, grants) if built_by == "parent" else None
+    assert not ws.exists()  # the parent's ruleset is built before the workspace exists
+
+    def daemon() -> dict[str, bool]:
+        ws.mkdir(mode=0o700)  # what workspace.prepare does first
+        confined = confine_daemon(spec, ws, tmp, grants, fd)
+        fd_closed = True
+        if fd is not None:
+            try:
+                os.fstat(fd)
+                fd_closed = False
+            except OSError:
+                fd_closed = True
+        return {"confined": confined == "landlock", "fd_closed": fd_closed,
+                "write_own": _can(lambda: (ws / "f").write_text("x")),
+                "write_tmp": _can(lambda: (tmp / "f").write_text("x")),
+                "read_shared": _can(lambda: (shared / "readme").read_text()),
+                "read_secret": _can(lambda: secret.read_text()),
+                "read_usr": _can(lambda: os.listdir("/usr")),
+                "write_shared": _can(lambda: (shared / "new").write_text("x")),
+                "read_sibling": _can(lambda: (sibling / "context.md").read_text()),
+                "write_base": _can(lambda: (base / "planted").write_text("x")),
+                "read_home": _can(lambda: os.listdir(tmp_path))}
+
+    seen = _in_child(daemon)
+    if fd is not None:
+        os.close(fd)  # the parent's own copy, as the supervisor closes it after the spawn
+    assert seen == {"confined": True, "fd_closed": True, "write_own": True, "write_tmp": True,
+                    "read_shared": True, "read_secret": True, "read_usr": True,
+                    "write_shared": False, "read_sibling": False, "write_base": False,
+                    "read_home": False}
+
+
+@pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="this kernel offers no Landlock")
+def test_the_supervisors_ruleset_is_refused_with_an_unvouched_grant(tmp_path: Path) -> None:
+    """A read-only grant that contains the workspaces (not among those the supervisor
+    checked) makes daemon_ruleset raise, as session_policy does: the supervisor then
+    passes nothing, and the daemon's own attempt says why."""
+    from agentctl_swarm.isolation import daemon_ruleset
+    base = tmp_path / "claude"
+    base.mkdir()
+    spec = {"kind": "landlock", "program": "true", "read_only": ["/usr"],
+            "read_only_checked_for": os.path.realpath(base)}
+    with pytest.raises(SandboxError, match="other workspaces would be readable"):
+        daemon_ruleset(spec, base, [{"name": "x", "file": str(tmp_path)}])
+    assert daemon_ruleset({"kind": "bwrap"}, base, []) is None
+    assert daemon_ruleset(None, base, []) is None
