@@ -333,8 +333,8 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def _handle(sock: socket.socket, size: int, flags: int, fds: list[int]) -> None:
-    """One request: ``<id>\\n<plan JSON>`` with the daemon's IPC socket attached, and
-    its Landlock ruleset if it is to be confined (``isolation.daemon_ruleset``)."""
+    """One request: ``<id>\\n<plan JSON>`` with the daemon's IPC socket attached, then
+    the descriptors the plan's ``extra["fds"]`` names (``Spawner.spawn_daemon``)."""
     req_id = -1
     try:
         header = _REQUEST.find(b"\n", 0, size)
@@ -343,8 +343,8 @@ def _handle(sock: socket.socket, size: int, flags: int, fds: list[int]) -> None:
         req_id = int(_REQUEST[:header])
         if flags & _TRUNCATED:
             raise ValueError(f"request larger than {MAX_REQUEST} bytes or {MAX_FDS} descriptors")
-        if len(fds) not in (1, 2):
-            raise ValueError(f"expected 1 or 2 descriptors, got {len(fds)}")
+        if not 1 <= len(fds) <= 3:
+            raise ValueError(f"expected 1 to 3 descriptors, got {len(fds)}")
         _spawn(sock, req_id, header + 1, size, fds)
     except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
         _reply(sock, {"id": req_id, "error": f"{type(exc).__name__}: {exc}"})
@@ -399,7 +399,7 @@ def _run_daemon(plan_json: bytes | bytearray, fds: list[int], reparenting: bool)
     apply_in_child(plan)
     code = 1
     try:
-        code = daemon.main_forked(*fds)
+        code = daemon.main_forked(fds[0], dict(zip(plan.extra.get("fds", ()), fds[1:])))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

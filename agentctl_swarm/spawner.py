@@ -138,9 +138,11 @@ def child_fail(name: str, exc: BaseException) -> NoReturn:
         os._exit(EXIT_SETUP_FAILED)
 
 
-def daemon_argv(ipc_fd: int, ruleset_fd: int | None = None) -> list[str]:
+def daemon_argv(ipc_fd: int, pass_fds: dict[str, int] | None = None) -> list[str]:
     argv = [sys.executable, "-m", "agentctl_swarm.daemon", "--ipc-fd", str(ipc_fd)]
-    return argv if ruleset_fd is None else [*argv, "--ruleset-fd", str(ruleset_fd)]
+    for role, fd in (pass_fds or {}).items():
+        argv += [f"--{role}-fd", str(fd)]
+    return argv
 
 
 def fork_exec(plan: LaunchPlan, argv: list[str]) -> int:
@@ -264,8 +266,8 @@ class ForkServerClient:
         self._pending.clear()
 
     async def spawn(self, plan: LaunchPlan, pass_fds: list[int]) -> int:
-        """Ask for one daemon; ``pass_fds`` become its IPC descriptor and, if there is a
-        second, its Landlock ruleset (``daemon.main_forked``).
+        """Ask for one daemon; ``pass_fds`` become its IPC descriptor and the others that
+        ``plan.extra["fds"]`` names (``forkserver._run_daemon``).
 
         At most FORKSERVER_IN_FLIGHT requests are outstanding, and the timeout
         counts from the send, so a burst of 400 starts queues here instead of
@@ -357,17 +359,19 @@ class Spawner:
         return self.forkserver.launch(forkserver_plan(self.supervisor_pid, cgroup))
 
     async def spawn_daemon(self, plan: LaunchPlan,
-                           ruleset_fd: int | None = None) -> tuple[int, socket.socket, str]:
+                           pass_fds: dict[str, int] | None = None) -> tuple[int, socket.socket, str]:
         """Start one daemon. Returns (pid, the supervisor's IPC socket, the path used).
 
-        ``ruleset_fd``: the daemon's Landlock ruleset (``isolation.daemon_ruleset``),
-        passed on; the caller keeps (and closes) its own descriptor."""
+        ``pass_fds``: descriptors the daemon gets besides its IPC socket, by role
+        (``"ruleset"``: its Landlock ruleset; ``"relay"``: its first relay
+        connection); the caller keeps (and closes) its own."""
         plan.supervisor_pid = self.supervisor_pid
-        extra = [] if ruleset_fd is None else [ruleset_fd]
+        pass_fds = pass_fds or {}
+        plan.extra["fds"] = list(pass_fds)
         if self.forkserver is not None and self.forkserver.alive:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                pid = await self.forkserver.spawn(plan, [theirs.fileno(), *extra])
+                pid = await self.forkserver.spawn(plan, [theirs.fileno(), *pass_fds.values()])
                 return pid, ours, "fork-server"
             except SpawnError as exc:
                 # A late answer may still start a daemon on this socketpair: closing our
@@ -379,13 +383,13 @@ class Spawner:
                 raise
             finally:
                 theirs.close()
-        return self._exec_daemon(plan, extra)
+        return self._exec_daemon(plan, pass_fds)
 
-    def _exec_daemon(self, plan: LaunchPlan, extra: list[int]) -> tuple[int, socket.socket, str]:
+    def _exec_daemon(self, plan: LaunchPlan, pass_fds: dict[str, int]) -> tuple[int, socket.socket, str]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            plan.keep_fds = (theirs.fileno(), *extra)
-            return fork_exec(plan, daemon_argv(theirs.fileno(), *extra)), ours, "exec"
+            plan.keep_fds = (theirs.fileno(), *pass_fds.values())
+            return fork_exec(plan, daemon_argv(theirs.fileno(), pass_fds)), ours, "exec"
         except BaseException:
             ours.close()
             raise

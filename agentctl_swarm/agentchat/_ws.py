@@ -28,27 +28,32 @@ are called ``ClientConnection``/``ServerConnection``) through 17.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from websockets.frames import Frame, Opcode
-from websockets.uri import parse_uri
+from websockets.uri import WebSocketURI, parse_uri
 
 try:  # websockets >= 11
     from websockets.client import ClientProtocol
+    from websockets.protocol import State
     from websockets.server import ServerProtocol
 except ImportError:  # websockets 10.x
     from websockets.client import ClientConnection as ClientProtocol  # type: ignore[no-redef]
+    from websockets.connection import State  # type: ignore[no-redef]
     from websockets.server import ServerConnection as ServerProtocol  # type: ignore[no-redef]
 
-__all__ = ["ConnectionClosed", "WebSocket", "connect", "serve", "text_frame"]
+__all__ = ["ConnectionClosed", "WebSocket", "adopt", "connect", "open_upgraded", "serve", "text_frame"]
 
 log = logging.getLogger(__name__)
 
 TEXT, BINARY, CONT, PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+OPEN = State.OPEN
 CLOSE_TIMEOUT = 2.0   # s to wait for the peer's close frame / TCP close
 MAX_WRITE_BUFFER = 16 * 1024 * 1024  # a peer this far behind is cut off, not buffered forever
 
@@ -100,6 +105,10 @@ class WebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=MAX_WRITE_BUFFER)  # type: ignore[attr-defined]
+        if self.proto.state is OPEN:  # an adopted connection (see adopt): no handshake
+            self.open = True
+            self.handshake.set_result(None)
+            return
         self._timer = self._loop.call_later(self._open_timeout, self._open_timed_out)
         if isinstance(self.proto, ClientProtocol):
             self.proto.send_request(self.proto.connect())
@@ -427,6 +436,62 @@ async def connect(url: str, *, max_size: int | None = 2 ** 21, open_timeout: flo
         if transport is not None:
             transport.abort()
         raise
+    ws.keepalive(keepalive)
+    return ws
+
+
+async def open_upgraded(url: str, *, max_size: int | None = 2 ** 21,
+                        timeout: float = 10.0) -> tuple[socket.socket, dict[str, Any], bytes]:
+    """Connect to ``ws://`` ``url`` and complete the opening handshake, for a process that
+    hands the connection over (``adopt``) instead of using it: the supervisor opens
+    each daemon's first relay connection, where the HTTP machinery is warm.
+
+    Drives the sans-I/O protocol on the bare socket, so that nothing is read past
+    what the protocol was given. Returns the socket, the parsed URI's fields (for
+    ``adopt``) and the bytes received after the 101 response (normally none: a
+    server waits for the client to speak). ``wss://`` cannot be handed over (the TLS
+    state stays here): ValueError."""
+    uri = parse_uri(url)
+    if uri.secure:
+        raise ValueError("a wss:// connection cannot be handed over")
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        family, kind, proto_num, _, address = (await loop.getaddrinfo(
+            uri.host, uri.port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto_num)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            proto = ClientProtocol(uri, max_size=max_size)
+            proto.send_request(proto.connect())
+            for data in proto.data_to_send():
+                await loop.sock_sendall(sock, data)
+            events: list[Any] = []
+            while not events:  # until the response is parsed
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    raise ConnectionError("the server closed the connection during the handshake")
+                proto.receive_data(data)
+                events = proto.events_received()
+            if proto.state is not OPEN or getattr(proto, "handshake_exc", None) is not None:
+                raise ConnectionError(f"WebSocket handshake refused: HTTP {events[0].status_code}")
+        except BaseException:
+            sock.close()
+            raise
+    after = [e.serialize(mask=False) for e in events[1:]]  # frames that came with the 101
+    return sock, dataclasses.asdict(uri), b"".join(after) + bytes(proto.reader.buffer)
+
+
+async def adopt(sock: socket.socket, uri: dict[str, Any], received: bytes = b"", *,
+                max_size: int | None = 2 ** 21, keepalive: float | None = None) -> WebSocket:
+    """A client WebSocket on a connection ``open_upgraded`` opened (possibly in another
+    process): ``uri`` and ``received`` are what it returned. No HTTP is parsed here."""
+    proto = ClientProtocol(WebSocketURI(**uri), max_size=max_size, state=OPEN)
+    sock.setblocking(False)
+    sock.set_inheritable(False)  # (it may have been passed across an exec)
+    _, ws = await asyncio.get_running_loop().create_connection(lambda: WebSocket(proto), sock=sock)
+    if received:
+        ws.data_received(received)
     ws.keepalive(keepalive)
     return ws
 

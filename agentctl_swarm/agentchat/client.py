@@ -84,7 +84,8 @@ class AgentChatClient:
                  report_after: int = 5, allow_direct: bool = False, max_queue: int = 1000,
                  handshake_timeout: float = 10.0, ack_timeout: float = 10.0,
                  keepalive: float | None = 60.0, deliver_replay: bool = False,
-                 read_gap: float = 0.0, ignore_heartbeats: bool = False) -> None:
+                 read_gap: float = 0.0, ignore_heartbeats: bool = False,
+                 handover: tuple[Any, dict[str, Any], bytes] | None = None) -> None:
         bad = [c for c in channels if not p.is_valid_channel(c)]
         if bad:
             raise ValueError(f"invalid channel names: {', '.join(map(repr, bad))}")
@@ -98,6 +99,7 @@ class AgentChatClient:
         self._deliver_replay = deliver_replay
         self._read_gap = read_gap
         self._ignore_heartbeats = ignore_heartbeats
+        self._handover = handover  # a connection _ws.open_upgraded opened for us: used first
         self._own_from = ""  # '"from":"<our id>"', once identified
         self._can_mute = False  # the server offers the "mute" extension (WELCOME.features)
         self._queue: deque[tuple[str, str]] = deque()
@@ -235,7 +237,12 @@ class AgentChatClient:
         await self._read(ws)
 
     async def _open(self) -> _ws.WebSocket:
+        handover, self._handover = self._handover, None
         try:
+            if handover is not None:
+                sock, uri, received = handover
+                return await _ws.adopt(sock, uri, received, max_size=2 * p.MAX_FRAME_BYTES,
+                                       keepalive=self._keepalive)
             return await _ws.connect(self._url, max_size=2 * p.MAX_FRAME_BYTES,
                                      open_timeout=self._hs_timeout, keepalive=self._keepalive)
         except Exception as exc:  # refused, DNS, HTTP status, timeout: all one failure

@@ -10,6 +10,7 @@ import time
 import pytest
 from tests.rawws import serve
 
+from agentctl_swarm.agentchat import _ws
 from agentctl_swarm.agentchat.client import AgentChatClient, ChannelNotAllowed, default_backoff
 from agentctl_swarm.agentchat.identity import Identity
 from agentctl_swarm.agentchat.relay import Relay
@@ -321,3 +322,24 @@ async def test_ignore_heartbeats_asks_a_relay_that_offers_it_to_mute_them() -> N
         assert fanned == (5 if offers else 6)  # muted: the talker's beat never went to the daemon
         await shutdown([daemon, talker], tasks)
         await relay.stop()
+
+
+@arun()
+async def test_a_handed_over_connection_is_used_first_and_reconnects_are_the_clients_own() -> None:
+    """A daemon's first relay connection is opened by its supervisor (_ws.open_upgraded)
+    and handed over: the client identifies and joins on it without a connect of its
+    own; after that connection is lost it connects by itself as usual."""
+    relay = Relay(rate_limit=0)
+    await relay.start()
+    sock, uri, received = await _ws.open_upgraded(relay.url)
+    await asyncio.sleep(0.05)
+    assert relay.stats()["connections"] == 1  # the upgraded, not yet identified, connection
+    probe = Probe()
+    client = make_client(relay.url, "handed", probe, handover=(sock, uri, received))
+    tasks = await running(client)
+    assert relay.stats()["connections"] == 1, "the client opened a connection of its own"
+    assert probe.named("connected")[0]["agent_id"] == client.agent_id
+    client._ws.abort()  # the link drops: the next connection is the client's own
+    await probe.until(lambda: len(probe.named("connected")) == 2, timeout=15)
+    await shutdown([client], tasks)
+    await relay.stop()

@@ -174,3 +174,60 @@ async def test_fan_out_is_corked_under_a_stream_but_replies_are_not() -> None:
         assert await asyncio.wait_for(ws.recv(), 5) == "reply"
         assert loop.time() - t1 < 0.2
     sink.server.close()
+
+
+@arun
+async def test_a_connection_opened_here_is_adopted_there_with_what_followed_the_101() -> None:
+    """open_upgraded stops at the handshake; adopt (as a daemon does with the socket the
+    supervisor passed it) carries on. A server that writes its first frame in the same
+    segment as its 101 must not lose it: those bytes travel with the socket."""
+    from websockets.frames import Frame, Opcode
+
+    async def eager(reader, writer) -> None:
+        proto = _ws.ServerProtocol()  # the library's sans-I/O server (named per version in _ws)
+        proto.receive_data(await reader.readuntil(b"\r\n\r\n"))
+        request = proto.events_received()[0]
+        proto.send_response(proto.accept(request))
+        greeting = Frame(Opcode.TEXT, b"welcome").serialize(mask=False)
+        writer.write(b"".join(proto.data_to_send()) + greeting)  # one write: 101 + frame
+        await writer.drain()
+        echo = await reader.read(4096)  # the adopted side's masked frame
+        proto.receive_data(echo)
+        got = [e.data for e in proto.events_received()]
+        writer.write(Frame(Opcode.TEXT, b"echo:" + got[0]).serialize(mask=False))
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+
+    server = await asyncio.start_server(eager, "127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    sock, uri, received = await _ws.open_upgraded(url)
+    assert received.endswith(b"welcome") and uri["port"] == server.sockets[0].getsockname()[1]
+    ws = await _ws.adopt(sock, uri, received)
+    assert ws.open and await ws.recv() == "welcome"
+    ws.send("hi")
+    assert await ws.recv() == "echo:hi"
+    ws.abort()
+    server.close()
+
+
+@arun
+async def test_open_upgraded_refuses_clearly() -> None:
+    async def http_403(reader, writer) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http_403, "127.0.0.1", 0)
+    with pytest.raises(ConnectionError, match="HTTP 403"):
+        await _ws.open_upgraded(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    server.close()
+    with pytest.raises(ValueError, match="wss"):
+        await _ws.open_upgraded("wss://127.0.0.1:1/")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    with pytest.raises(TimeoutError):
+        await _ws.open_upgraded(f"ws://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+    silent.close()
