@@ -456,8 +456,12 @@ async def open_upgraded(url: str, *, max_size: int | None = 2 ** 21,
         raise ValueError("a wss:// connection cannot be handed over")
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        family, kind, proto_num, _, address = (await loop.getaddrinfo(
-            uri.host, uri.port, type=socket.SOCK_STREAM))[0]
+        try:  # an address (the embedded relay's): no resolver thread in the caller
+            found = socket.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            found = await loop.getaddrinfo(uri.host, uri.port, type=socket.SOCK_STREAM)
+        family, kind, proto_num, _, address = found[0]
         sock = socket.socket(family, kind, proto_num)
         try:
             sock.setblocking(False)
