@@ -57,18 +57,34 @@ def _isolation(name: str) -> dict[str, Any]:
     return {"sandbox": iso.sandbox_spec(name, "general"), "grants": iso.env_grants(name, "general")}
 
 
-def child(fd: int, name: str, mode: str, out: Path) -> None:
+def handed_fds(boot: dict[str, Any], workdir: Path) -> dict[str, int]:
+    """What Supervisor._handed_fds gives a daemon: its Landlock ruleset and its relay
+    connection, upgraded (``boot`` gets the "relay_handover" that goes with it)."""
+    import asyncio
+    from agentctl_swarm.agentchat import _ws
+    from agentctl_swarm.isolation import daemon_ruleset
+    fds = {}
+    ruleset = daemon_ruleset(boot["sandbox"], workdir, boot["grants"])
+    if ruleset is not None:
+        fds["ruleset"] = ruleset
+    sock, uri, received = asyncio.run(_ws.open_upgraded(boot["server"]))
+    boot["relay_handover"] = {"uri": uri, "received": received.hex()}
+    fds["relay"] = sock.detach()
+    return fds
+
+
+def child(fd: int, name: str, mode: str, out: Path, fds: dict[str, int]) -> None:
     """In the forked child: what the fork-server's _run_daemon does, plus the probe."""
     from agentctl_swarm import daemon, forkserver
     from agentctl_swarm.spawner import LaunchPlan, apply_in_child
     forkserver.AT_FORK.in_daemon()
-    apply_in_child(LaunchPlan(name=name, keep_fds=(fd,), supervisor_pid=None))
+    apply_in_child(LaunchPlan(name=name, keep_fds=(fd, *fds.values()), supervisor_pid=None))
     code = 1
     try:
         if mode == "cprofile":
             import cProfile
             prof = cProfile.Profile()
-            code = prof.runcall(daemon.main_forked, fd)
+            code = prof.runcall(daemon.main_forked, fd, fds)
             prof.dump_stats(str(out))
         elif mode == "tracemalloc":
             import tracemalloc
@@ -83,9 +99,9 @@ def child(fd: int, name: str, mode: str, out: Path) -> None:
                     for stat in snap.statistics("lineno")[:25]:
                         fh.write(f"{stat.size / 1024:8.1f} kB {stat.count:6d}  {stat.traceback[0]}\n")
             signal.signal(signal.SIGUSR2, dump)
-            code = daemon.main_forked(fd)
+            code = daemon.main_forked(fd, fds)
         else:
-            code = daemon.main_forked(fd)
+            code = daemon.main_forked(fd, fds)
     finally:
         os._exit(code)
 
@@ -212,7 +228,9 @@ def phases_report(relay_url: str, work: Path, reps: int = 3) -> None:
     for rep in range(reps):
         for i, (label, owner, attr, when) in enumerate(PHASES):
             name = f"phase-{rep}-{i}"
-            boot = ipc.encode(boot_message(name, work / "ws", relay_url))
+            message = boot_message(name, work / "ws", relay_url)
+            fds = handed_fds(message, work / "ws")
+            boot = ipc.encode(message)
             stopped_r, stopped_w = os.pipe()
             hold_r, hold_w = os.pipe()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -222,10 +240,12 @@ def phases_report(relay_url: str, work: Path, reps: int = 3) -> None:
                 if owner is not None:
                     _stop_at(owners[owner], attr, when, stopped_w, hold_r)
                 forkserver.AT_FORK.in_daemon()
-                apply_in_child(LaunchPlan(name=name, keep_fds=(theirs.fileno(), stopped_w, hold_r),
-                                          supervisor_pid=None))
-                os._exit(daemon.main_forked(theirs.fileno()))
+                apply_in_child(LaunchPlan(name=name, keep_fds=(theirs.fileno(), stopped_w, hold_r,
+                                                               *fds.values()), supervisor_pid=None))
+                os._exit(daemon.main_forked(theirs.fileno(), fds))
             theirs.close()
+            for fd in fds.values():
+                os.close(fd)
             if i > 1:
                 wait_for(ours, "hello")
                 ours.sendall(boot)
@@ -306,17 +326,21 @@ def main() -> int:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             name = f"prof-{i:03d}"
             out = work / "ws" / name / f"profile.{mode}"  # the daemon Landlocks itself to its workspace
+            message = boot_message(name, work / "ws", relay.url)
+            fds = handed_fds(message, work / "ws")
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
                 ours.close()
-                child(theirs.fileno(), name, mode if i == 0 else "plain", out)
+                child(theirs.fileno(), name, mode if i == 0 else "plain", out, fds)
             phases["fork_ms"].append((time.perf_counter() - t_fork) * 1000)
             theirs.close()
+            for fd in fds.values():
+                os.close(fd)
             wait_for(ours, "hello")
             phases["hello_ms"].append((time.perf_counter() - t_fork) * 1000)
             mem["uss_at_hello_mb"].append(uss_kb(pid) / 1024)
-            ours.sendall(ipc.encode(boot_message(name, work / "ws", relay.url)))
+            ours.sendall(ipc.encode(message))
             wait_for(ours, "ready")
             phases["ready_ms"].append((time.perf_counter() - t_fork) * 1000)
             mem["uss_at_ready_mb"].append(uss_kb(pid) / 1024)
