@@ -127,8 +127,8 @@ def daemon_ruleset(spec: dict[str, Any] | None, workspaces: Path,
     """The Landlock ruleset of a daemon under ``workspaces``, without its own workspace;
     None unless its sessions use Landlock. A descriptor, not yet enforced.
 
-    The supervisor builds it as it spawns the daemon (~165 rules: in each daemon they
-    cost ~0.26 MB of copied pages and ~1.5 ms, in the supervisor a fraction of that),
+    The supervisor builds it as it spawns the daemon (~165 rules: ~1 ms there, where
+    the code is warm; in each daemon they cost 1-2 ms and ~0.1 MB of copied pages),
     before the workspace exists; the daemon adds its workspace and enters it
     (``confine_daemon``). The daemon gets the session's grants plus read access to the
     package (lazy imports) and to the secret files it hands to its sessions; its
