@@ -120,7 +120,7 @@ async def _rehearse(work: Path, rounds: int, done: list[str]) -> None:
 async def _rehearse_one(url: str, work: Path, name: str) -> None:
     """One boot as the supervisor would drive it: hello, boot, ready, a heartbeat, stop.
     The daemon connects to the relay itself: rehearsing the handover instead (as
-    Supervisor._open_relay hands it) left daemons 0.13 MB larger (measured)."""
+    spawner.handed_fds hands it) left daemons 0.13 MB larger (measured)."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     theirs.setblocking(False)

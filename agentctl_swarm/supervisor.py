@@ -25,17 +25,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import ipc
-from .agentchat import _ws
 from .config import ConfigError, SwarmConfig, diff_configs, load_config
 from .coordinator import Coordinator
 from .health import HealthMonitor
-from .isolation import Isolation, daemon_ruleset
+from .isolation import Isolation
 from .paths import SwarmPaths
 from .reaper import Reaper
 from .restart_policy import GiveUp, RestartTracker
-from .spawner import ForkServerClient, LaunchPlan, Spawner, SpawnError, fork_exec
+from .spawner import ForkServerClient, LaunchPlan, Spawner, SpawnError, fork_exec, handed_fds
 from .state import read_json, write_json_atomic
-from .system import proc, sandbox
+from .system import proc
 from .system.cgroups import CgroupManager
 from .system.journal import log_fields
 from .system.notify import Notifier
@@ -45,7 +44,6 @@ from .workspace import WorkspaceSpec, swarm_workspaces, teardown
 log = logging.getLogger("agentctl_swarm.supervisor")
 
 KILL_AFTER_TERM_S = 3.0
-RELAY_OPEN_TIMEOUT = 1.0  # s for the supervisor to open a daemon's first relay connection
 
 
 class SlotStatus(str, Enum):
@@ -410,7 +408,8 @@ class Supervisor:
                           merge_pages=True if self.config.merge_pages else None)
         slot.status, slot.connected = SlotStatus.STARTING, False
         boot = self.boot_message(slot, cgroup)
-        handed = await self._handed_fds(slot, boot)
+        # made before the boot gate, so that waiting on the relay does not hold a place
+        handed = await handed_fds(boot, self.config.workspace_base)
         try:
             await self.spawner.gate.enter(slot.name)
             slot.spawn_began = time.monotonic()
@@ -440,47 +439,6 @@ class Supervisor:
         slot.channel.send(boot)
         self.health.beat(slot.name, time.monotonic())
         log.info("started %s (pid %s, %s)", slot.name, pid, via, extra=slot.fields(event="spawn"))
-
-    async def _handed_fds(self, slot: Slot, boot: dict[str, Any]) -> dict[str, int]:
-        """What the daemon is handed besides its IPC socket, by role: its Landlock ruleset
-        and its first relay connection, both made here where the code is warm (in each
-        daemon they were first touches: ~0.4 MB of copied pages together). Made before
-        the boot gate, so that waiting on the relay does not hold a boot's place."""
-        handed = {}
-        ruleset = self._daemon_ruleset(slot, boot)
-        if ruleset is not None:
-            handed["ruleset"] = ruleset
-        relay = await self._open_relay(slot, boot)
-        if relay is not None:
-            handed["relay"] = relay.detach()
-        return handed
-
-    def _daemon_ruleset(self, slot: Slot, boot: dict[str, Any]) -> int | None:
-        """The Landlock ruleset the daemon completes and enters after boot (built here,
-        where it is cheap); None if it is not to be confined or this failed: the daemon
-        then tries itself, and says why if it cannot."""
-        try:
-            return daemon_ruleset(boot["sandbox"], self.config.workspace_base, boot["grants"])
-        except (sandbox.SandboxError, OSError) as exc:
-            log.debug("no ruleset for %s: %s", slot.name, exc, extra=slot.fields(event="sandbox"))
-            return None
-
-    async def _open_relay(self, slot: Slot, boot: dict[str, Any]) -> socket.socket | None:
-        """The daemon's first relay connection, opened here up to the WebSocket upgrade
-        (the HTTP machinery is warm here; in each daemon it was ~0.3 MB of first
-        touches); the daemon identifies and joins on it. None, and the daemon connects
-        itself, for ``wss://`` (TLS state cannot be handed over), for a workspace that
-        is cloned first (a server may drop a connection silent that long), or if
-        opening fails."""
-        if boot["workspace"].get("repo") or not boot["server"].startswith("ws://"):
-            return None
-        try:
-            sock, uri, received = await _ws.open_upgraded(boot["server"], timeout=RELAY_OPEN_TIMEOUT)
-        except (OSError, ValueError, TimeoutError) as exc:
-            log.debug("no relay connection for %s: %r", slot.name, exc, extra=slot.fields(event="spawn"))
-            return None
-        boot["relay_handover"] = {"uri": uri, "received": received.hex()}
-        return sock
 
     def boot_message(self, slot: Slot, cgroup: dict[str, Any] | None) -> dict[str, Any]:
         cfg, role = self.config, self.config.for_role(slot.role)

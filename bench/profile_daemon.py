@@ -58,19 +58,11 @@ def _isolation(name: str) -> dict[str, Any]:
 
 
 def handed_fds(boot: dict[str, Any], workdir: Path) -> dict[str, int]:
-    """What Supervisor._handed_fds gives a daemon: its Landlock ruleset and its relay
-    connection, upgraded (``boot`` gets the "relay_handover" that goes with it)."""
+    """What the supervisor hands a daemon (``spawner.handed_fds``): its Landlock ruleset
+    and its relay connection, upgraded."""
     import asyncio
-    from agentctl_swarm.agentchat import _ws
-    from agentctl_swarm.isolation import daemon_ruleset
-    fds = {}
-    ruleset = daemon_ruleset(boot["sandbox"], workdir, boot["grants"])
-    if ruleset is not None:
-        fds["ruleset"] = ruleset
-    sock, uri, received = asyncio.run(_ws.open_upgraded(boot["server"]))
-    boot["relay_handover"] = {"uri": uri, "received": received.hex()}
-    fds["relay"] = sock.detach()
-    return fds
+    from agentctl_swarm import spawner
+    return asyncio.run(spawner.handed_fds(boot, workdir))
 
 
 def child(fd: int, name: str, mode: str, out: Path, fds: dict[str, int]) -> None:

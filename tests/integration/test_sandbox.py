@@ -31,6 +31,7 @@ import pytest
 
 from agentctl_swarm.system import sandbox
 from agentctl_swarm.system.sandbox import SandboxError, SandboxKind
+from tests.forked import in_fork
 
 FAKES = Path(__file__).resolve().parent.parent / "fakes"
 ESCAPE_AGENT = FAKES / "escape_agent.py"
@@ -401,22 +402,6 @@ def test_a_workspace_base_inside_a_read_only_grant_is_not_vouched_for(tmp_path: 
     assert spec is not None and spec["read_only_checked_for"] is None and _checked(spec) is None
 
 
-def _in_child(body: Callable[[], dict[str, bool]]) -> dict[str, bool]:
-    """Run ``body`` in a forked child (Landlock is irreversible); return what it reports."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(w, json.dumps(body()).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as fh:
-        out = fh.read()
-    os.waitpid(pid, 0)
-    return json.loads(out)
-
-
 def _can(action: Callable[[], object]) -> bool:
     try:
         action()
@@ -469,7 +454,7 @@ def test_a_daemon_completes_the_ruleset_its_supervisor_built(tmp_path: Path, bui
                 "write_base": _can(lambda: (base / "planted").write_text("x")),
                 "read_home": _can(lambda: os.listdir(tmp_path))}
 
-    seen = _in_child(daemon)
+    seen = in_fork(lambda _fd: daemon())
     if fd is not None:
         os.close(fd)  # the parent's own copy, as the supervisor closes it after the spawn
     assert seen == {"confined": True, "fd_closed": True, "write_own": True, "write_tmp": True,

@@ -126,28 +126,39 @@ async def test_a_reader_that_falls_too_far_behind_is_cut_off(monkeypatch) -> Non
     sink.server.close()
 
 
-@arun
-async def test_connect_errors_are_clear() -> None:
-    async def http_404(reader, writer) -> None:
+async def refusing(status: bytes) -> tuple[asyncio.Server, str]:
+    """A plain HTTP server that answers every upgrade with ``status``; and its URL."""
+    async def refuse(reader, writer) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(http_404, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    return server, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def silent() -> tuple[socket.socket, str]:
+    """A listening socket that accepts (in the kernel) and never answers; and its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, f"ws://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@arun
+async def test_connect_errors_are_clear() -> None:
+    server, url = await refusing(b"404 Not Found")
     with pytest.raises(ConnectionError, match="HTTP 404"):
-        await _ws.connect(f"ws://127.0.0.1:{port}")
+        await _ws.connect(url)
     server.close()
 
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen()
+    listener, url = silent()
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
-        await _ws.connect(f"ws://127.0.0.1:{silent.getsockname()[1]}", open_timeout=0.3)
+        await _ws.connect(url, open_timeout=0.3)
     assert time.monotonic() - t0 < 2
-    silent.close()
+    listener.close()
 
 
 @arun
@@ -213,21 +224,13 @@ async def test_a_connection_opened_here_is_adopted_there_with_what_followed_the_
 
 @arun
 async def test_open_upgraded_refuses_clearly() -> None:
-    async def http_403(reader, writer) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(http_403, "127.0.0.1", 0)
+    server, url = await refusing(b"403 Forbidden")
     with pytest.raises(ConnectionError, match="HTTP 403"):
-        await _ws.open_upgraded(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        await _ws.open_upgraded(url)
     server.close()
     with pytest.raises(ValueError, match="wss"):
         await _ws.open_upgraded("wss://127.0.0.1:1/")
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen()
+    listener, url = silent()
     with pytest.raises(TimeoutError):
-        await _ws.open_upgraded(f"ws://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
-    silent.close()
+        await _ws.open_upgraded(url, timeout=0.3)
+    listener.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import resource
 import select
@@ -11,28 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import pytest
 
 from agentctl_swarm.system import proc
-
-
-def _in_fork(body: Callable[[int], object]) -> object:
-    """Run ``body(result_fd)`` in a forked child and return what it returned (as JSON)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_fd)
-            os.write(write_fd, json.dumps(body(write_fd)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+from tests.forked import in_fork
 
 
 def _sleeper(code: str = "import time; time.sleep(60)") -> subprocess.Popen[bytes]:
@@ -105,7 +87,7 @@ def test_raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
         return [proc.raise_nofile_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard]
 
-    raised, soft, hard = _in_fork(body)  # type: ignore[misc]
+    raised, soft, hard = in_fork(body)  # type: ignore[misc]
     assert raised == soft == hard > 256
 
 
@@ -121,7 +103,7 @@ def test_close_fds_keeps_only_what_is_asked_and_is_fast() -> None:
         left = sorted(int(n) for n in os.listdir("/proc/self/fd"))
         return {"elapsed": elapsed, "left": left, "keep": sorted(keep)}
 
-    result = _in_fork(body)
+    result = in_fork(body)
     assert isinstance(result, dict)
     left = [fd for fd in result["left"] if fd > 2]
     # listdir's own directory descriptor may show up once, at the lowest free number.
@@ -213,7 +195,7 @@ def _merge_any(pid: int | str = "self") -> bool:
     return "ksm_merge_any: yes" in open(f"/proc/{pid}/ksm_stat").read()
 
 
-KSM_PRCTL = os.path.exists("/proc/self/ksm_stat") and _in_fork(lambda fd: proc.set_memory_merge(True))
+KSM_PRCTL = os.path.exists("/proc/self/ksm_stat") and in_fork(lambda fd: proc.set_memory_merge(True))
 
 
 @pytest.mark.skipif(not KSM_PRCTL, reason="no PR_SET_MEMORY_MERGE or /proc/PID/ksm_stat (Linux < 6.4 or no KSM)")
@@ -237,7 +219,7 @@ def test_memory_merge_is_set_per_launch_plan_and_survives_exec_only_as_asked() -
                 text = pipe.read()
             os.waitpid(pid, 0)
             return text
-        return str(_in_fork(body))
+        return str(in_fork(body))
 
     assert "ksm_merge_any: yes" in child(None)  # inherited as is
     assert "ksm_merge_any: yes" in child(True)
