@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import logging
 import os
 import random
@@ -72,6 +73,11 @@ def preload() -> None:
 
 
 REHEARSALS = 2  # throw-away boots in the fork-server; the first does most (measured)
+# True while the rehearsal runs what no daemon runs: its relay, the stand-in
+# supervisor, its scratch directory. An asyncio task and the callbacks it schedules
+# inherit it; forkserver.hot_code leaves that code out of what it packs.
+REHEARSAL_SCAFFOLD: contextvars.ContextVar[bool] = contextvars.ContextVar("rehearsal_scaffold",
+                                                                          default=False)
 
 
 def rehearse(rounds: int = REHEARSALS) -> int:
@@ -90,14 +96,18 @@ def rehearse(rounds: int = REHEARSALS) -> int:
     import tempfile
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    scaffold = REHEARSAL_SCAFFOLD.set(True)
     work = Path(tempfile.mkdtemp(prefix="agentctl-rehearsal-"))
+    REHEARSAL_SCAFFOLD.reset(scaffold)
     done: list[str] = []
     try:
-        asyncio.run(_rehearse(work, rounds, done))
+        asyncio.run(_rehearse(work, rounds, done))  # asyncio.run itself: as a daemon runs it
     except Exception as exc:  # noqa: BLE001 - an optimisation, not a precondition
         log.warning("fork-server rehearsal failed (daemons still start): %s", exc)
     finally:
+        scaffold = REHEARSAL_SCAFFOLD.set(True)
         shutil.rmtree(work, ignore_errors=True)
+        REHEARSAL_SCAFFOLD.reset(scaffold)
         root.handlers[:] = handlers
         root.setLevel(level)
     return len(done)
@@ -105,6 +115,7 @@ def rehearse(rounds: int = REHEARSALS) -> int:
 
 async def _rehearse(work: Path, rounds: int, done: list[str]) -> None:
     from .agentchat.relay import Relay
+    REHEARSAL_SCAFFOLD.set(True)  # in this task's own context: the relay and the driver
     relay = Relay(rate_limit=0)
     await relay.start()
     try:
@@ -139,7 +150,9 @@ async def _rehearse_one(url: str, work: Path, name: str) -> None:
             ready.set_result(None)
 
     daemon = Daemon(theirs)
-    running = loop.create_task(daemon.run())
+    own = contextvars.copy_context()
+    own.run(REHEARSAL_SCAFFOLD.set, False)
+    running = loop.create_task(daemon.run(), context=own)
     channel = await ipc.open_channel(ours, on_message, lambda exc: None)
     try:
         await ready
@@ -160,10 +173,13 @@ def _warm_sandbox(work: Path) -> None:
         return
     (work / "ws").mkdir()
     (work / "tmp").mkdir()
+    # The supervisor's half (isolation.daemon_ruleset) is scaffold; the daemon's is not.
     fd = sandbox.prepare_landlock(sandbox.shared_policy(["/usr"], work, (str(work), frozenset(["/usr"]))))
+    own = REHEARSAL_SCAFFOLD.set(False)
     try:
         sandbox.add_landlock_rules(fd, read_write=sandbox.own_grants(work / "ws", work / "tmp"))
     finally:
+        REHEARSAL_SCAFFOLD.reset(own)
         os.close(fd)
 
 

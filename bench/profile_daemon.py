@@ -1,6 +1,7 @@
 """Where a forked daemon's boot time and private memory go.
 
 Run:  python bench/profile_daemon.py [--daemons 20] [--cprofile] [--tracemalloc] [--phases]
+                                     [--floor] [--pagemap] [--faults]
 
 This process plays supervisor and fork-server at once: it preloads exactly as the
 fork-server does (``forkserver.preload()``, which ends in ``gc.freeze()``), then
@@ -10,11 +11,17 @@ daemon, the boot phases seen from the parent (fork -> hello -> ready on the
 relay) and USS at each phase, the private memory of one idle daemon by mapping,
 and optionally a cProfile of one daemon's boot and a tracemalloc top list of what
 it allocated after the fork.
+
+``--pagemap`` and ``--faults`` (root; ``--faults`` also needs ``perf``) say which of
+the parent's objects the last daemon wrote to: the pages it holds privately
+compared word by word with the parent's memory at its fork, and, for every page
+it copied, the object that its first write hit.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import pstats
 import re
@@ -22,9 +29,11 @@ import signal
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -87,7 +96,8 @@ def child(fd: int, name: str, mode: str, out: Path, fds: dict[str, int]) -> None
                 snap = snap.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
                 with out.open("w") as fh:
                     total = sum(s.size for s in snap.statistics("filename"))
-                    fh.write(f"traced after fork: {total / 1024:.0f} kB\n")
+                    peak = tracemalloc.get_traced_memory()[1]
+                    fh.write(f"traced after fork: {total / 1024:.0f} kB (peak {peak / 1024:.0f} kB)\n")
                     for stat in snap.statistics("lineno")[:25]:
                         fh.write(f"{stat.size / 1024:8.1f} kB {stat.count:6d}  {stat.traceback[0]}\n")
             signal.signal(signal.SIGUSR2, dump)
@@ -125,33 +135,52 @@ def by_mapping(pid: int) -> Counter[str]:
     return agg
 
 
-def pagemap_report(pid: int) -> None:
-    """Which of the parent's objects lie on the pages an idle daemon holds privately.
-
-    Walks every object reachable from ``sys.modules`` in this (the parent's) heap, maps
-    each to its 4 kB pages, then reads the child's /proc/PID/pagemap: a present page with
-    the "exclusively mapped" bit (56) in [anon] or [heap] is one the child copied or
-    allocated. Needs root (pagemap flags are hidden from others)."""
+def walk_objects() -> list[tuple[int, int, Any]]:
+    """(start, end, object) of every object reachable from ``sys.modules`` in this heap
+    (the parent's: a forked daemon starts with the same addresses), sorted."""
     import gc
-    pages: dict[int, Counter[str]] = {}
     todo: list[Any] = list(sys.modules.values())
-    seen: set[int] = set()
+    seen: dict[int, tuple[int, int, Any]] = {}
     while todo:
         obj = todo.pop()
         if id(obj) in seen:
             continue
-        seen.add(id(obj))
-        start, size = id(obj), max(sys.getsizeof(obj), 1)
-        for page in range(start >> 12, ((start + size - 1) >> 12) + 1):
-            pages.setdefault(page, Counter())[type(obj).__name__] += 1
+        seen[id(obj)] = (id(obj), id(obj) + max(sys.getsizeof(obj), 1), obj)
         todo.extend(r for r in gc.get_referents(obj) if id(r) not in seen)
         code = getattr(obj, "__code__", None)
         if code is not None and id(code) not in seen:
             todo.append(code)
-    import ctypes
-    private, with_objects, same = 0, Counter(), 0
-    holders: Counter[str] = Counter()
-    with open(f"/proc/{pid}/pagemap", "rb") as fh, open(f"/proc/{pid}/mem", "rb") as mem:
+    return sorted(seen.values(), key=lambda span: span[0])
+
+
+def _object_at(spans: list[tuple[int, int, Any]], starts: list[int], addr: int) -> tuple[Any, bool] | None:
+    """The walked object holding ``addr``, and whether ``addr`` is its reference count."""
+    import bisect
+    i = bisect.bisect_right(starts, addr) - 1
+    if i >= 0 and spans[i][0] <= addr < spans[i][1]:
+        return spans[i][2], addr == spans[i][0]
+    return None
+
+
+def _kind(obj: Any, refcount: bool) -> str:
+    return f"{type(obj).__name__} {'refcount' if refcount else 'body'}"
+
+
+def pagemap_report(pid: int, twin: int, spans: list[tuple[int, int, Any]]) -> None:
+    """Which of the parent's objects an idle daemon wrote on the pages it holds privately.
+
+    Reads the daemon's /proc/PID/pagemap: a present page with the "exclusively
+    mapped" bit (56) in [anon] or [heap] is one it copied or allocated. Each such
+    page is compared with the same page of ``twin``, a child forked just before
+    the daemon that stopped at once (the parent's memory as the daemon started
+    with it): identical pages were written only by reference counts that came
+    back; on the others, each differing word is put down to the walked object
+    that holds it. Needs root (pagemap flags are hidden from others)."""
+    starts = [span[0] for span in spans]
+    private, same = 0, 0
+    written: Counter[str] = Counter()
+    with open(f"/proc/{pid}/pagemap", "rb") as fh, open(f"/proc/{pid}/mem", "rb") as mem, \
+            open(f"/proc/{twin}/mem", "rb") as then:
         for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
             fields = line.split()
             if (fields[5] if len(fields) > 5 else "[anon]") not in ("[anon]", "[heap]"):
@@ -160,19 +189,71 @@ def pagemap_report(pid: int) -> None:
             fh.seek((lo >> 12) * 8)
             data = fh.read(((hi - lo) >> 12) * 8)
             for i, (entry,) in enumerate(struct.iter_unpack("<Q", data)):
-                if entry >> 63 and (entry >> 56) & 1:
-                    private += 1
-                    addr = lo + i * 4096
-                    mem.seek(addr)  # copied, yet byte for byte what we (the parent) hold now?
-                    same += mem.read(4096) == ctypes.string_at(addr, 4096)
-                    types = pages.get((lo >> 12) + i)
-                    with_objects["holds parent objects" if types else "no parent object"] += 1
-                    holders.update(set(types or ()))
-    print(f"private [anon]/[heap] pages of one idle daemon: {private} ({dict(with_objects)}); "
-          f"parent objects walked: {len(seen)}; identical to the parent's page: {same} "
-          "(written only by reference counts that came back, or rewritten with the same bytes)")
-    for name, n in holders.most_common(12):
-        print(f"  {n:6d} pages hold a {name}")
+                if not (entry >> 63 and (entry >> 56) & 1):
+                    continue
+                private += 1
+                addr = lo + i * 4096
+                mem.seek(addr)
+                now = mem.read(4096)
+                then.seek(addr)
+                before = then.read(4096)
+                if now == before:
+                    same += 1
+                    continue
+                kinds = set()
+                for off in range(0, 4096, 8):
+                    if now[off:off + 8] != before[off:off + 8]:
+                        hit = _object_at(spans, starts, addr + off)
+                        kinds.add(_kind(*hit) if hit else
+                                  "no walked object (allocator, freed blocks, new objects)")
+                written.update(kinds)
+    print(f"private [anon]/[heap] pages of one idle daemon: {private}; identical to the "
+          f"parent's page at the fork: {same} (written only by reference counts that came back)")
+    print("the other pages, by the kinds of object whose words differ (a page counts once "
+          "for each kind on it):")
+    for name, n in written.most_common(20):
+        print(f"  {n:6d} {name}")
+
+
+def _label(obj: Any) -> str:
+    """A name for an object a fault was put down to."""
+    kind = type(obj).__name__
+    if isinstance(obj, types.ModuleType):
+        return f"module {obj.__name__}"
+    if isinstance(obj, types.FunctionType):
+        from agentctl_swarm import forkserver
+        copied = any(obj is copy for copy in forkserver._CLONES.values())
+        return f"function {obj.__qualname__} ({'packed copy' if copied else 'original'})"
+    if isinstance(obj, type):
+        return f"class {obj.__qualname__}"
+    if isinstance(obj, str):
+        return f"str {obj[:40]!r}"
+    return kind
+
+
+def faults_report(pid: int, perf_data: Path, spans: list[tuple[int, int, Any]]) -> None:
+    """The first write to each page a daemon copies faults once: ``perf record -e
+    page-faults -d`` gives that write's address, put down here to the object it hit."""
+    starts = [span[0] for span in spans]
+    out = subprocess.run(["perf", "script", "-i", str(perf_data), "-F", "pid,addr"],
+                         capture_output=True, text=True, check=True).stdout
+    kinds: Counter[str] = Counter()
+    labels: dict[str, Counter[str]] = {}
+    faults = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or parts[0] != str(pid):
+            continue
+        faults += 1
+        hit = _object_at(spans, starts, int(parts[1], 16))
+        kind = _kind(*hit) if hit else "no walked object (new memory, libpython's data, stack)"
+        kinds[kind] += 1
+        if hit:
+            labels.setdefault(kind, Counter())[_label(hit[0])] += 1
+    print(f"page faults of one daemon from its fork to idle (the first touch of a page): {faults}")
+    for kind, n in kinds.most_common(20):
+        examples = ", ".join(label for label, _ in labels.get(kind, Counter()).most_common(4))
+        print(f"  {n:5d} {kind}{'  e.g. ' + examples if examples else ''}")
 
 
 def floor_report() -> None:
@@ -288,6 +369,8 @@ def main() -> int:
     parser.add_argument("--tracemalloc", action="store_true", help="tracemalloc in the first daemon")
     parser.add_argument("--pagemap", action="store_true",
                         help="which parent objects lie on an idle daemon's private pages (root)")
+    parser.add_argument("--faults", action="store_true",
+                        help="what the first write to each page a daemon copies hit (root, perf)")
     parser.add_argument("--floor", action="store_true",
                         help="USS of forked children that only sleep / make an event loop")
     parser.add_argument("--phases", action="store_true",
@@ -311,15 +394,34 @@ def main() -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     forkserver.AT_FORK.use_lean()  # as the fork-server serves
     kids: list[tuple[int, socket.socket]] = []
+    twin = 0  # --pagemap: the parent's memory as the last daemon starts with it
+    perf_data = work / "faults.data"
     phases: dict[str, list[float]] = {"fork_ms": [], "hello_ms": [], "ready_ms": []}
     mem: dict[str, list[float]] = {"uss_at_hello_mb": [], "uss_at_ready_mb": [], "uss_idle_mb": []}
     try:
+        # What the supervisor hands each daemon is made first, and the heap's holes
+        # filled again: the fork-server does nothing between two forks but fork.
+        handed = []
         for i in range(args.daemons):
+            message = boot_message(f"prof-{i:03d}", work / "ws", relay.url)
+            handed.append((message, ipc.encode(message), handed_fds(message, work / "ws")))
+        gc.collect()
+        forkserver.fill_free_blocks()
+        for i, (message, boot, fds) in enumerate(handed):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            name = f"prof-{i:03d}"
+            name = message["workspace"]["name"]
             out = work / "ws" / name / f"profile.{mode}"  # the daemon Landlocks itself to its workspace
-            message = boot_message(name, work / "ws", relay.url)
-            fds = handed_fds(message, work / "ws")
+            last = i == args.daemons - 1
+            perf = None
+            if last and args.faults:
+                perf = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "page-faults", "-c", "1",
+                                         "-d", "-o", str(perf_data)], stdout=subprocess.DEVNULL)
+                time.sleep(1.5)  # perf is recording
+            if last and (args.pagemap or args.faults):
+                twin = os.fork()
+                if twin == 0:
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                    os._exit(0)
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
@@ -332,8 +434,12 @@ def main() -> int:
             wait_for(ours, "hello")
             phases["hello_ms"].append((time.perf_counter() - t_fork) * 1000)
             mem["uss_at_hello_mb"].append(uss_kb(pid) / 1024)
-            ours.sendall(ipc.encode(message))
+            ours.sendall(boot)
             wait_for(ours, "ready")
+            if perf is not None:
+                time.sleep(1.0)
+                perf.send_signal(signal.SIGINT)
+                perf.wait()
             phases["ready_ms"].append((time.perf_counter() - t_fork) * 1000)
             mem["uss_at_ready_mb"].append(uss_kb(pid) / 1024)
             kids.append((pid, ours))
@@ -342,8 +448,12 @@ def main() -> int:
             mem["uss_idle_mb"].append(uss_kb(pid) / 1024)
         for key, values in {**phases, **mem}.items():
             print(f"{key:18s} median {statistics.median(values):8.2f}  max {max(values):8.2f}")
-        if args.pagemap:
-            pagemap_report(kids[-1][0])
+        if args.pagemap or args.faults:
+            spans = walk_objects()
+            if args.pagemap:
+                pagemap_report(kids[-1][0], twin, spans)
+            if args.faults:
+                faults_report(kids[-1][0], perf_data, spans)
         print("private memory of one idle daemon by mapping (kB):")
         for name, kb in by_mapping(kids[-1][0]).most_common(8):
             print(f"  {kb:7d}  {name}")
@@ -352,6 +462,9 @@ def main() -> int:
             time.sleep(1)
             print((work / "ws" / "prof-000" / "profile.tracemalloc").read_text())
     finally:
+        if twin:
+            os.kill(twin, signal.SIGKILL)
+            os.waitpid(twin, 0)
         for pid, sock in kids:
             os.kill(pid, signal.SIGTERM)
         for pid, sock in kids:

@@ -183,15 +183,126 @@ def test_every_hook_runs_when_the_server_has_threads_or_an_unknown_hook() -> Non
     assert unknown["limbo_lock"] != parent["limbo_lock"]
 
 
-def test_hot_code_still_runs_the_rehearsal_when_another_profiler_holds_the_hook(monkeypatch) -> None:
-    import cProfile
+def test_hot_code_leaves_out_what_runs_in_a_marked_context_and_puts_back_a_profiler() -> None:
+    import asyncio
+    import contextvars
 
     from agentctl_swarm import forkserver
 
-    def refuse(self: cProfile.Profile) -> None:
-        raise ValueError("Another profiling tool is already active")  # Python 3.12+'s refusal
+    scaffold: contextvars.ContextVar[bool] = contextvars.ContextVar("scaffold", default=False)
 
-    monkeypatch.setattr(cProfile.Profile, "enable", refuse)
-    ran: list[int] = []
-    assert forkserver.hot_code(lambda: ran.append(1)) == set()
-    assert ran == [1]
+    def ours() -> int:
+        return 1
+
+    def theirs() -> int:
+        return 2
+
+    async def marked_task() -> None:
+        asyncio.get_running_loop().call_soon(theirs)  # the callback inherits the mark
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        marked = contextvars.copy_context()
+        marked.run(scaffold.set, True)
+        await asyncio.create_task(marked_task(), context=marked)
+        ours()
+
+    def other_profiler(frame, event, arg) -> None:
+        return None
+
+    sys.setprofile(other_profiler)
+    try:
+        hot = forkserver.hot_code(lambda: asyncio.run(main()), unless=scaffold)
+        assert sys.getprofile() is other_profiler
+    finally:
+        sys.setprofile(None)
+    assert ours.__code__ in hot and main.__code__ in hot
+    assert theirs.__code__ not in hot and marked_task.__code__ not in hot
+    assert forkserver.hot_code(theirs) == {theirs.__code__}  # no mark: everything
+
+
+FUNCTIONS = """
+    import json
+    from agentctl_swarm import forkserver
+
+    class Thing:
+        def method(self):
+            return "method"
+
+        @property
+        def prop(self):
+            return "prop"
+
+        @staticmethod
+        def static():
+            return "static"
+
+        def cold(self):
+            return "cold"
+
+    def hot():
+        return "hot"
+
+    async def coro():
+        return "coro"
+
+    originals = {"hot": hot, "method": Thing.method, "prop": Thing.prop.fget,
+                 "static": Thing.__dict__["static"].__func__, "cold": Thing.cold, "coro": coro}
+    hot_set = forkserver.hot_code(lambda: (hot(), Thing().method(), Thing().prop, Thing.static(),
+                                          coro().close()))
+    moved = forkserver.pack_functions(hot_set)
+    made = coro()
+    made.close()
+    thing = Thing()
+    print(json.dumps({
+        "moved": moved,
+        "replaced": {name: forkserver._CLONES.get(func) is not None and
+                     forkserver._CLONES[func] is not func for name, func in originals.items()},
+        "named": {"hot": hot is forkserver._CLONES[originals["hot"]],
+                  "method": Thing.method is forkserver._CLONES[originals["method"]],
+                  "prop": Thing.prop.fget is forkserver._CLONES[originals["prop"]],
+                  "static": Thing.static is forkserver._CLONES[originals["static"]]},
+        "work": [hot(), thing.method(), thing.prop, Thing.static(), thing.cold()],
+        "same_name": hot.__qualname__ == originals["hot"].__qualname__,
+        "name_copied": hot.__qualname__ is not originals["hot"].__qualname__
+                       and coro.__name__ is not originals["coro"].__name__
+                       and made.__qualname__ is coro.__qualname__,  # what a coroutine holds
+        "shares": hot.__code__ is originals["hot"].__code__
+                  and hot.__globals__ is originals["hot"].__globals__,
+    }))
+"""
+
+
+def test_pack_functions_puts_copies_where_modules_and_classes_name_them() -> None:
+    data = _run(FUNCTIONS)
+    assert data["moved"] == 5  # hot, coro, method, prop, static
+    replaced = data["replaced"]
+    assert replaced == {"hot": True, "method": True, "prop": True, "static": True, "cold": False,
+                        "coro": True}
+    assert all(data["named"].values()), data["named"]
+    assert data["work"] == ["hot", "method", "prop", "static", "cold"]
+    assert data["same_name"] and data["name_copied"]  # equal names, new strings (packed too)
+    assert data["shares"]  # a copy runs the same code in the same module
+
+
+def test_preload_keeps_the_fork_hooks_findable_and_packs_the_fork_path() -> None:
+    data = _run("""
+        import json
+        from agentctl_swarm import daemon, forkserver, spawner
+        from agentctl_swarm.agentchat import relay
+        forkserver.preload()
+        packed = set(forkserver._PACKED)
+        print(json.dumps({
+            "lean": forkserver.AT_FORK.use_lean(),  # the hooks it finds by identity were left alone
+            "fork_path": spawner.apply_in_child.__code__ in forkserver._PACKED.values(),
+            "daemon_main": daemon.main_forked.__code__ in forkserver._PACKED.values(),
+            "relay_left": not any(code.co_filename == relay.__file__ for code in packed),
+            "clones": len(forkserver._CLONES),
+            "rehearsal_still_boots": daemon.rehearse(1),
+        }))
+    """)
+    assert data["lean"]
+    assert data["fork_path"] and data["daemon_main"]  # never rehearsed, packed all the same
+    assert data["relay_left"]  # the rehearsal's scaffold is not packed with the daemons' code
+    assert data["clones"] >= 200
+    assert data["rehearsal_still_boots"] == 1
