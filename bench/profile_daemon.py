@@ -195,8 +195,12 @@ def pagemap_report(pid: int, twin: int, spans: list[tuple[int, int, Any]]) -> No
                 addr = lo + i * 4096
                 mem.seek(addr)
                 now = mem.read(4096)
-                then.seek(addr)
-                before = then.read(4096)
+                try:
+                    then.seek(addr)
+                    before = then.read(4096)
+                except OSError:  # not mapped in the parent: memory the daemon mapped itself
+                    written["new memory"] += 1
+                    continue
                 if now == before:
                     same += 1
                     continue
