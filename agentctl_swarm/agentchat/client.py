@@ -74,6 +74,29 @@ _HEARTBEAT_MARK = '"content":"HEARTBEAT '
 _HANDLED = frozenset({p.MSG, p.ERROR, p.SESSION_DISPLACED})  # what _handle acts on
 
 
+_JOINED_PREFIX = f'{_TYPE_PREFIX}{p.JOINED}",'
+_CHANNEL_KEY = '"channel":"'
+
+
+def _joined_channel(raw: str | bytes) -> str | None:
+    """The channel of a JOINED frame in the compact layout our relay and agentchat
+    write, read without parsing the member list that follows it (a list of every
+    member: in a swarm starting 500 daemons each joiner would build hundreds of
+    dicts only to drop them). None for anything else, which is parsed as usual. The
+    key must come before any nested object or list, and a quote inside a JSON
+    string is always escaped, so a member's fields cannot be taken for it."""
+    if type(raw) is not str or not raw.startswith(_JOINED_PREFIX):
+        return None
+    key = raw.find(_CHANNEL_KEY, len(_JOINED_PREFIX))
+    if key < 0 or "{" in raw[len(_JOINED_PREFIX):key] or "[" in raw[len(_JOINED_PREFIX):key]:
+        return None
+    try:
+        channel, _ = json.decoder.scanstring(raw, key + len(_CHANNEL_KEY))
+    except ValueError:
+        return None
+    return channel
+
+
 class AgentChatClient:
     """A reconnecting, paced agentchat client; see the module docstring."""
 
@@ -288,7 +311,12 @@ class AgentChatClient:
         for channel in pending:
             ws.send(p.encode({**join, "channel": channel}))
         while pending:
-            msg = p.decode(await ws.recv())
+            raw = await ws.recv()
+            joined = _joined_channel(raw)
+            if joined in pending:
+                pending.remove(joined)
+                continue
+            msg = p.decode(raw)
             mtype = msg.get("type")
             if mtype == p.JOINED and msg.get("channel") in pending:
                 pending.remove(msg["channel"])

@@ -69,3 +69,29 @@ def test_frames_laid_out_otherwise_are_parsed() -> None:
     assert not client._skippable(reordered)
     client._on_frame(reordered)
     assert [m["content"] for m in got] == ["HEARTBEAT swarm-general-002 idle", "TASK t-3 any x"]
+
+
+def _joined(channel: str, members: list[dict]) -> str:
+    """A JOINED frame as the relay writes it (relay.Relay._on_join: spliced member fragments)."""
+    frags = ",".join(p.encode(m) for m in members)
+    return f'{{"type":"{p.JOINED}","ts":1,"channel":{json.dumps(channel)},"agents":[{frags}]}}'
+
+
+def test_a_joined_frame_is_read_without_parsing_its_member_list() -> None:
+    from agentctl_swarm.agentchat.client import _joined_channel
+
+    members = [{"id": f"{i:016x}", "name": f"swarm-general-{i:03d}", "verified": False}
+               for i in range(500)]
+    sneaky = {"id": PEER, "name": 'x","channel":"#evil', "verified": False}  # escaped in JSON
+    assert _joined_channel(_joined("#agents", members)) == "#agents"
+    assert _joined_channel(_joined("#agents", [sneaky, *members])) == "#agents"
+    assert _joined_channel(_joined('#a"b', [])) == '#a"b'
+    assert json.loads(_joined("#agents", members))["channel"] == "#agents"  # the layout is valid JSON
+    # Anything else is left to the full parse.
+    members_first = json.dumps({"type": p.JOINED, "agents": [{"channel": "#evil"}], "channel": "#agents"},
+                               separators=(",", ":"))
+    assert _joined_channel(members_first) is None
+    assert _joined_channel(json.dumps({"type": p.JOINED, "channel": "#agents"})) is None  # ", " and ": "
+    assert _joined_channel(_joined("#agents", []).encode()) is None
+    assert _joined_channel(p.encode({"type": p.ERROR, "channel": "#agents"})) is None
+    assert _joined_channel('{"type":"JOINED","ts":1,"channel":"#agen') is None
