@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -24,6 +25,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,16 @@ REHEARSAL_SCAFFOLD: contextvars.ContextVar[bool] = contextvars.ContextVar("rehea
                                                                           default=False)
 
 
+@contextlib.contextmanager
+def _scaffold(on: bool) -> Iterator[None]:
+    """REHEARSAL_SCAFFOLD set to ``on`` for the code in the block."""
+    token = REHEARSAL_SCAFFOLD.set(on)
+    try:
+        yield
+    finally:
+        REHEARSAL_SCAFFOLD.reset(token)
+
+
 def rehearse(rounds: int = REHEARSALS) -> int:
     """Boot ``rounds`` throw-away daemons in this process, against an in-process relay.
 
@@ -96,18 +108,16 @@ def rehearse(rounds: int = REHEARSALS) -> int:
     import tempfile
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    scaffold = REHEARSAL_SCAFFOLD.set(True)
-    work = Path(tempfile.mkdtemp(prefix="agentctl-rehearsal-"))
-    REHEARSAL_SCAFFOLD.reset(scaffold)
+    with _scaffold(True):
+        work = Path(tempfile.mkdtemp(prefix="agentctl-rehearsal-"))
     done: list[str] = []
     try:
         asyncio.run(_rehearse(work, rounds, done))  # asyncio.run itself: as a daemon runs it
     except Exception as exc:  # noqa: BLE001 - an optimisation, not a precondition
         log.warning("fork-server rehearsal failed (daemons still start): %s", exc)
     finally:
-        scaffold = REHEARSAL_SCAFFOLD.set(True)
-        shutil.rmtree(work, ignore_errors=True)
-        REHEARSAL_SCAFFOLD.reset(scaffold)
+        with _scaffold(True):
+            shutil.rmtree(work, ignore_errors=True)
         root.handlers[:] = handlers
         root.setLevel(level)
     return len(done)
@@ -176,11 +186,10 @@ def _warm_sandbox(work: Path) -> None:
     (work / "tmp").mkdir()
     # The supervisor's half (isolation.daemon_ruleset) is scaffold; the daemon's is not.
     fd = sandbox.prepare_landlock(sandbox.shared_policy(["/usr"], work, (str(work), frozenset(["/usr"]))))
-    own = REHEARSAL_SCAFFOLD.set(False)
     try:
-        sandbox.add_landlock_rules(fd, read_write=sandbox.own_grants(work / "ws", work / "tmp"))
+        with _scaffold(False):
+            sandbox.add_landlock_rules(fd, read_write=sandbox.own_grants(work / "ws", work / "tmp"))
     finally:
-        REHEARSAL_SCAFFOLD.reset(own)
         os.close(fd)
 
 

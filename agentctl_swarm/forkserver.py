@@ -89,7 +89,7 @@ def hot_code(run: Callable[[], object], unless: ContextVar[bool] | None = None) 
     codes: set[CodeType] = set()
 
     def record(frame: FrameType, event: str, _arg: object) -> None:
-        if event == "call" and not (unless is not None and unless.get()):
+        if event == "call" and (unless is None or not unless.get()):
             codes.add(frame.f_code)
 
     previous = sys.getprofile()

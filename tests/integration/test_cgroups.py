@@ -22,6 +22,7 @@ import pytest
 from agentctl_swarm.system import cgroups
 from agentctl_swarm.system.cgroups import AgentCgroup, CgroupError, CgroupManager, Enforcement, join_spec
 from agentctl_swarm.system.proc import process_cgroup
+from tests.forked import in_fork
 
 MiB = 1 << 20
 HOG = "b = bytearray({size}); b[::4096] = b'x' * len(b[::4096])"
@@ -172,31 +173,26 @@ def test_rlimit_path_as_an_ordinary_user() -> None:
 
 
 def test_rlimit_fallback_warns_which_enforcement() -> None:
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if os.geteuid() == 0:
-                os.setuid(65534)
-            logging.getLogger(cgroups.__name__).addHandler(_PipeHandler(write_fd))
-            CgroupManager.detect(name=_unique())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        warning = pipe.read()
-    os.waitpid(pid, 0)
+    def detect_as_nobody(_result_fd: int) -> str:  # setuid cannot be undone: in a child
+        if os.geteuid() == 0:
+            os.setuid(65534)
+        warnings = _Collected()
+        logging.getLogger(cgroups.__name__).addHandler(warnings)
+        CgroupManager.detect(name=_unique())
+        return "".join(warnings.messages)
+
+    warning = in_fork(detect_as_nobody)
     assert warning.startswith("memory limits are enforced with RLIMIT_AS")
     assert "cgroup v1" in warning and "cgroup v2" in warning
 
 
-class _PipeHandler(logging.Handler):
-    def __init__(self, fd: int) -> None:
+class _Collected(logging.Handler):
+    def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.fd = fd
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        os.write(self.fd, record.getMessage().encode())
+        self.messages.append(record.getMessage())
 
 
 def test_no_limit_and_no_cgroup_is_none() -> None:
