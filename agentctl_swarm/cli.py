@@ -83,7 +83,6 @@ def _call(paths: SwarmPaths, cmd: str, args: dict[str, Any] | None = None) -> di
 
 
 def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
-    from .config import load_config
     from .system.pidfile import PidFile
     if args.count is not None and not 0 < args.count <= 5000:
         raise SwarmError(f"--count: expected 1 to 5000, got {args.count}")
@@ -93,13 +92,15 @@ def cmd_swarm_start(args: argparse.Namespace, paths: SwarmPaths) -> int:
     prestarted = None
     try:
         # The fork-server (the default spawn mode) is forked from this process first,
-        # so that its ~0.2 s preload overlaps loading the config and importing the
-        # supervisor; with "spawn: exec" or a bad config it is killed at once.
+        # so that its ~0.3 s preload overlaps importing and loading the config (which
+        # it does not need) and the supervisor; with "spawn: exec" or a bad config it
+        # is killed at once.
         from . import forkserver as forkserver_module
         try:
             prestarted = forkserver_module.prestart()
         except OSError:  # no fork now (EAGAIN): the supervisor starts it later, or execs daemons
             pass
+        from .config import load_config
         config = load_config(args.config)
         forkserver = None
         if prestarted is not None and config.spawn == "fork-server":

@@ -34,6 +34,7 @@ class Isolation:
         self.kind = kind
         self.error = error
         self._ro_cache: dict[tuple[str, tuple[str, ...]], tuple[list[str], str | None]] = {}
+        self.rule_paths = sandbox.PathHandles()  # for daemon_ruleset, one per daemon start
 
     @classmethod
     def detect(cls, config: "SwarmConfig") -> "Isolation":
@@ -123,7 +124,7 @@ def _checked(spec: dict[str, Any]) -> tuple[str, frozenset[str]] | None:
 
 
 def daemon_ruleset(spec: dict[str, Any] | None, workspaces: Path,
-                   grants: list[dict[str, str]]) -> int | None:
+                   grants: list[dict[str, str]], handles: sandbox.PathHandles | None = None) -> int | None:
     """The Landlock ruleset of a daemon under ``workspaces``, without its own workspace;
     None unless its sessions use Landlock. A descriptor, not yet enforced.
 
@@ -132,7 +133,8 @@ def daemon_ruleset(spec: dict[str, Any] | None, workspaces: Path,
     before the workspace exists; the daemon adds its workspace and enters it
     (``confine_daemon``). The daemon gets the session's grants plus read access to the
     package (lazy imports) and to the secret files it hands to its sessions; its
-    sessions then nest their own, stricter domain inside this one."""
+    sessions then nest their own, stricter domain inside this one. ``handles``: see
+    ``sandbox.PathHandles`` (the supervisor's, reused across a burst of starts)."""
     if not spec or spec.get("kind") != "landlock":
         return None
     import agentctl_swarm
@@ -141,7 +143,7 @@ def daemon_ruleset(spec: dict[str, Any] | None, workspaces: Path,
         workspaces, agent_command=spec["program"], extra_read=spec.get("extra_read", ())))
     policy = sandbox.shared_policy(read_only + [p for p in extra if Path(p).exists()], workspaces,
                                    _checked(spec))
-    return sandbox.prepare_landlock(policy)
+    return sandbox.prepare_landlock(policy, handles=handles)
 
 
 def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,

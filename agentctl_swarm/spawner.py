@@ -36,9 +36,12 @@ import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .system import proc
+
+if TYPE_CHECKING:
+    from .system import sandbox
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ FORKSERVER_TIMEOUT = 5.0
 FORKSERVER_IN_FLIGHT = 16  # requests on the socket at once: a burst never fills its buffer
 BOOTS_PER_CPU = 4       # daemons between fork and "ready" at once, per CPU
 FORKSERVER_READY_TIMEOUT = 30.0  # from exec to "preloaded"; normally ~0.3 s
+FORKSERVER_WORTH_WAITING = 2.0  # from its attach: starts wait this long for a preload, then exec
 BOOT_GATE_TIMEOUT = 3.0  # a daemon slower than this to boot (a git clone) stops holding a place
 
 
@@ -142,13 +146,15 @@ def child_fail(name: str, exc: BaseException) -> NoReturn:
 RELAY_OPEN_TIMEOUT = 1.0  # s to open a daemon's first relay connection for it
 
 
-async def handed_fds(boot: dict[str, Any], workspaces: Path) -> dict[str, int]:
+async def handed_fds(boot: dict[str, Any], workspaces: Path,
+                     rule_paths: sandbox.PathHandles | None = None) -> dict[str, int]:
     """What a daemon is handed besides its IPC socket, by role (``spawn_daemon``'s
     ``pass_fds``), made by the caller, where the code is warm: in each daemon they were
     first touches (~0.4 MB of copied pages together). The caller closes them.
 
     - ``"ruleset"``: its Landlock ruleset without its workspace
-      (``isolation.daemon_ruleset``); the daemon completes and enters it.
+      (``isolation.daemon_ruleset``, with the caller's ``rule_paths``); the daemon
+      completes and enters it.
     - ``"relay"``: its first relay connection, opened up to the WebSocket upgrade
       (``_ws.open_upgraded``; ``boot`` gets the ``relay_handover`` that goes with it);
       the daemon identifies and joins on it. Not for ``wss://`` (the TLS state cannot
@@ -163,7 +169,7 @@ async def handed_fds(boot: dict[str, Any], workspaces: Path) -> dict[str, int]:
     handed: dict[str, int] = {}
     name = boot["workspace"]["name"]
     try:
-        ruleset = daemon_ruleset(boot["sandbox"], workspaces, boot["grants"])
+        ruleset = daemon_ruleset(boot["sandbox"], workspaces, boot["grants"], rule_paths)
     except (sandbox.SandboxError, OSError) as exc:
         log.debug("no ruleset for %s: %s", name, exc)
     else:
@@ -212,6 +218,7 @@ class ForkServerClient:
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._ready: asyncio.Future[None] | None = None
+        self._wait_until = 0.0  # loop time; see settled
         self._slots = asyncio.Semaphore(FORKSERVER_IN_FLIGHT)
 
     @classmethod
@@ -263,12 +270,24 @@ class ForkServerClient:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
+        self._wait_until = loop.time() + FORKSERVER_WORTH_WAITING
         loop.add_reader(self._sock.fileno(), self._on_readable)
 
     async def wait_ready(self, timeout: float = FORKSERVER_READY_TIMEOUT) -> None:
         """Until it has preloaded; SpawnError if it died first, TimeoutError if too slow."""
         assert self._ready is not None
         await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+
+    async def settled(self) -> None:
+        """Until a fork-server that is preloading is ready or has failed, but never past
+        FORKSERVER_WORTH_WAITING from its attach: one deadline for every start, so a
+        fork-server stuck in its preload costs the swarm two seconds, not two per
+        daemon. Returns at once if it is not preloading; never raises."""
+        if self._ready is None or self._ready.done():
+            return
+        remaining = self._wait_until - asyncio.get_running_loop().time()
+        if remaining > 0:
+            await asyncio.wait([asyncio.shield(self._ready)], timeout=remaining)
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -411,6 +430,10 @@ class Spawner:
         plan.supervisor_pid = self.supervisor_pid
         pass_fds = pass_fds or {}
         plan.extra["fds"] = list(pass_fds)
+        if self.forkserver is not None:
+            # The swarm's first daemons are prepared while the fork-server preloads
+            # (Supervisor.boot): a fork in a few hundred ms is cheaper than an exec now.
+            await self.forkserver.settled()
         if self.forkserver is not None and self.forkserver.alive:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:

@@ -131,6 +131,7 @@ class Supervisor:
         self._last_status = ""
         self._last_sample = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._forkserver_start: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ run
     async def run(self) -> int:
@@ -159,17 +160,16 @@ class Supervisor:
             log.warning("%s", problem, extra=log_fields(event="state"))
         self.saved_restarts = saved if isinstance(saved, dict) else {}
         self.isolation = Isolation.detect(self.config)
-        # The fork-server preloads (~0.2 s) while the relay, the control socket and the
-        # coordinator come up.
-        forkserver = asyncio.ensure_future(self.start_forkserver())
-        try:
-            await self.start_relay()
-            from .control.server import ControlServer
-            self.control = ControlServer(self, self.paths.control_socket, self.paths.control_token)
-            await self.control.start()
-            await self.coordinator.start()
-        finally:
-            await forkserver
+        # The fork-server preloads (~0.3 s) while the relay, the control socket and the
+        # coordinator come up, and while every daemon of the swarm is prepared (its
+        # cgroup, boot message, Landlock ruleset and relay connection); the spawner
+        # holds the prepared starts until the preload ends (Spawner.spawn_daemon).
+        self._forkserver_start = asyncio.ensure_future(self.start_forkserver())
+        await self.start_relay()
+        from .control.server import ControlServer
+        self.control = ControlServer(self, self.paths.control_socket, self.paths.control_token)
+        await self.control.start()
+        await self.coordinator.start()
         self.manage_daemons()
         self.initial = set(self.slots)
         self.sweep_workspaces()
@@ -287,9 +287,10 @@ class Supervisor:
 
     # ------------------------------------------------------- the fork-server
     async def start_forkserver(self) -> None:
-        """Start the fork-server. Every way it can fail (exec, death before or after its
-        preload, a preload that never ends) goes through the restart policy; daemons
-        are exec'd meanwhile, so no start waits on it."""
+        """Start the fork-server, in a task of its own. Every way it can fail (exec,
+        death before or after its preload, a preload that never ends) goes through the
+        restart policy; a daemon start waits for its preload at most
+        FORKSERVER_WORTH_WAITING and is exec'd otherwise, so none hangs on it."""
         fs = self.spawner.forkserver
         if fs is None or self.stopping:
             return
@@ -409,7 +410,8 @@ class Supervisor:
         slot.status, slot.connected = SlotStatus.STARTING, False
         boot = self.boot_message(slot, cgroup)
         # made before the boot gate, so that waiting on the relay does not hold a place
-        handed = await handed_fds(boot, self.config.workspace_base)
+        handed = await handed_fds(boot, self.config.workspace_base,
+                                  self.isolation.rule_paths if self.isolation else None)
         try:
             await self.spawner.gate.enter(slot.name)
             slot.spawn_began = time.monotonic()
@@ -805,6 +807,8 @@ class Supervisor:
         """SIGTERM every child, wait up to the grace period, SIGKILL survivors, clean up."""
         self.stopping = True
         self.notifier.stopping()
+        if self._forkserver_start is not None:
+            self._forkserver_start.cancel()  # still waiting for a preload; _stop_helpers ends it
         log.info("shutting down %d daemons", len(self.slots), extra=log_fields(event="stopping"))
         await self.coordinator.stop()
         for slot in self.slots.values():
@@ -833,6 +837,8 @@ class Supervisor:
             await self.control.stop()
         if self.reaper is not None:
             self.reaper.close()
+        if self.isolation is not None:
+            self.isolation.rule_paths.close()
         log.info("swarm stopped", extra=log_fields(event="stopped"))
 
     async def _wait_for_daemons(self, timeout: float) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from swarm_bench import Relay, smaps_rollup  # noqa: E402
+from swarm_bench import Relay, byte_compile_package, smaps_rollup  # noqa: E402
 
 from agentctl_swarm import ipc  # noqa: E402
 
@@ -367,6 +367,7 @@ def _stop_at(owner: Any, attr: str, when: str, stopped_w: int, hold_r: int) -> N
 
 
 def main() -> int:
+    print(byte_compile_package())  # as installed: see swarm_bench
     parser = argparse.ArgumentParser()
     parser.add_argument("--daemons", type=int, default=20)
     parser.add_argument("--cprofile", action="store_true", help="cProfile the first daemon's boot")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from swarm_bench import Observer, Relay, Run, default_scratch, descendants  # noqa: E402
+from swarm_bench import Observer, Relay, Run, byte_compile_package, default_scratch, descendants  # noqa: E402
 
 
 def record(count: int, seconds: float, freq: int, out: Path) -> dict[int, str]:
@@ -122,6 +122,7 @@ def main() -> int:
     if shutil.which("perf") is None:
         print("perf is not installed (Debian: apt install linux-perf)", file=sys.stderr)
         return 1
+    print(byte_compile_package())  # as installed: see swarm_bench
     out = Path(tempfile.mkdtemp(prefix="profile-machine-", dir=default_scratch()))
     roles = record(args.count, args.seconds, args.freq, out)
     (out / "roles.json").write_text(json.dumps(roles))

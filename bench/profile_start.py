@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from supervisord_peer import ensure_venv  # noqa: E402
-from swarm_bench import Run, descendants  # noqa: E402
+from swarm_bench import Run, byte_compile_package, descendants  # noqa: E402
 
 
 def spy(pyspy: Path, pid: int, out: Path, seconds: float) -> subprocess.Popen:
@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30)
     args = parser.parse_args()
     pyspy = ensure_venv(packages=("supervisor", "py-spy")) / "py-spy"
+    print(byte_compile_package())
     out = Path(tempfile.mkdtemp(prefix="profile-start-"))
     run = Run(args.spawn, args.count, out)
     spies = []

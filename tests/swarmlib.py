@@ -23,6 +23,20 @@ FAKE_CLAUDE = ROOT / "tests" / "fakes" / "fake_claude.py"
 AGENTCTL = [sys.executable, "-m", "agentctl_swarm.cli"]
 
 
+def start_relay(port_file: Path, *more: str) -> subprocess.Popen[bytes]:
+    """A relay process of our own (not a supervisor's embedded one), on a free loopback
+    port written to ``port_file``; ``more``: further relay arguments. The caller stops it."""
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "agentctl_swarm.agentchat.relay", "--rate-limit", "0",
+                             "--port-file", str(port_file), *more], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not port_file.exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "relay exited"
+        assert time.monotonic() < deadline, "the relay never wrote its port"
+        time.sleep(0.02)
+    return proc
+
+
 def fake_agent_command() -> list[str]:
     return [sys.executable, str(FAKE_CLAUDE), "-p", "--output-format", "stream-json", "--verbose"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agentctl_swarm import ipc
-from tests.swarmlib import Swarm, SwarmError, base_config
+from tests.swarmlib import Swarm, SwarmError, base_config, start_relay
 
 
 def _log(swarm: Swarm) -> str:
@@ -351,3 +351,51 @@ def test_a_forkserver_killed_while_preloading_is_restarted_by_the_policy(tmp_pat
         swarm.wait_for(lambda: (a := swarm.agents().get("swarm-general-002")) and a["connected"], 20,
                        "a second daemon")
         assert swarm.agents()["swarm-general-002"]["spawned_via"] == "fork-server"
+
+
+def test_the_first_daemons_wait_for_the_preloading_forkserver(tmp_path: Path) -> None:
+    """The swarm's daemons are prepared while the fork-server preloads (Supervisor.boot),
+    and the spawner holds them until it is ready: none is exec'd for being early. With a
+    relay of its own the supervisor does not wait for one to start, so its first spawns
+    come well before the preload ends (as in the benchmark)."""
+    relay = start_relay(tmp_path / "relay.port")
+    try:
+        url = f"ws://127.0.0.1:{(tmp_path / 'relay.port').read_text().strip()}"
+        with Swarm(tmp_path / "home", base_config(count=6, agentchat={"server": url})) as swarm:
+            swarm.start()
+            assert {a["spawned_via"] for a in swarm.agents().values()} == {"fork-server"}
+            assert "using exec" not in _log(swarm)
+    finally:
+        relay.terminate()
+        relay.wait(10)
+
+
+def test_a_forkserver_stuck_in_its_preload_delays_the_start_at_most_two_seconds(tmp_path: Path) -> None:
+    """A fork-server that never finishes its preload must not hold the swarm: the held
+    starts give up on it together after FORKSERVER_WORTH_WAITING and are exec'd; once it
+    is ready, new daemons come from it again."""
+    from agentctl_swarm.spawner import FORKSERVER_WORTH_WAITING
+    with Swarm(tmp_path / "home", base_config(count=3)) as swarm:
+        t0 = time.monotonic()
+        swarm.start(wait_ready=False)
+        sup = swarm.proc.pid  # type: ignore[union-attr]
+        stuck = None
+        while stuck is None and time.monotonic() - t0 < 10:
+            stuck = next(iter(_forkserver_children(sup)), None)
+            time.sleep(0.002)
+        assert stuck is not None, "no fork-server appeared"
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            snap = swarm.wait_ready(timeout=20)
+            took = time.monotonic() - t0
+            assert snap["supervisor"]["forkserver_ready"] is False, \
+                "too slow to catch the fork-server before its preload ended"
+            assert {a["spawned_via"] for a in snap["agents"]} == {"exec"}
+            assert took < FORKSERVER_WORTH_WAITING + 8, f"ready after {took:.1f} s"
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        swarm.wait_for(lambda: swarm.status()["supervisor"]["forkserver_ready"], 15, "the fork-server")
+        swarm.cli("swarm", "scale", "4")
+        swarm.wait_for(lambda: (a := swarm.agents().get("swarm-general-004")) and a["connected"], 20,
+                       "a fourth daemon")
+        assert swarm.agents()["swarm-general-004"]["spawned_via"] == "fork-server"

@@ -22,20 +22,7 @@ from agentctl_swarm.agentchat.client import AgentChatClient
 from agentctl_swarm.agentchat.identity import Identity
 from agentctl_swarm.agentchat.relay import HISTORY, ChannelHistory
 from tests.integration.test_regressions import NEEDS_ROOT, _small_disk
-from tests.swarmlib import Swarm, base_config
-
-
-def _start_relay(port_file: Path, history: Path) -> subprocess.Popen[bytes]:
-    port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "agentctl_swarm.agentchat.relay", "--rate-limit", "0",
-                             "--port-file", str(port_file), "--history-file", str(history)],
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not port_file.exists():
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "relay exited"
-        assert time.monotonic() < deadline, "the relay never wrote its port"
-        time.sleep(0.02)
-    return proc
+from tests.swarmlib import Swarm, base_config, start_relay
 
 
 async def _post(url: str, lines: list[str], name: str = "poster") -> None:
@@ -68,14 +55,14 @@ async def _replayed(url: str) -> list[dict]:
 
 def test_history_outlives_a_relay_killed_with_sigkill(tmp_path: Path) -> None:
     history, port_file = tmp_path / "history.jsonl", tmp_path / "port"
-    relay = _start_relay(port_file, history)
+    relay = start_relay(port_file, "--history-file", str(history))
     try:
         url = f"ws://127.0.0.1:{port_file.read_text().strip()}"
         asyncio.run(_post(url, [f"line {i}" for i in range(HISTORY + 10)]))
     finally:
         relay.send_signal(signal.SIGKILL)
         relay.wait(10)
-    relay = _start_relay(port_file, history)
+    relay = start_relay(port_file, "--history-file", str(history))
     try:
         url = f"ws://127.0.0.1:{port_file.read_text().strip()}"
         seen = asyncio.run(_replayed(url))

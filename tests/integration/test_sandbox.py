@@ -11,6 +11,7 @@ must work, and nothing may appear on the host outside the workspace.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import grp
 import json
@@ -22,6 +23,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,12 +413,14 @@ def _can(action: Callable[[], object]) -> bool:
 
 
 @pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="this kernel offers no Landlock")
-@pytest.mark.parametrize("built_by", ["parent", "daemon"])
+@pytest.mark.parametrize("built_by", ["parent", "parent-reusing-handles", "daemon"])
 def test_a_daemon_completes_the_ruleset_its_supervisor_built(tmp_path: Path, built_by: str) -> None:
     """isolation.daemon_ruleset (the supervisor, before the workspace exists) plus
     confine_daemon (the daemon, after it made its workspace) confine the daemon to its
     workspace, the read-only grants and the secret files it hands on; the descriptor is
-    closed. With no descriptor passed (built_by="daemon") the daemon builds it alike."""
+    closed. With no descriptor passed (built_by="daemon") the daemon builds it alike;
+    built from path handles that already served another daemon's ruleset (as the
+    supervisor does in a burst of starts) it confines alike."""
     from agentctl_swarm.isolation import confine_daemon, daemon_ruleset
     base = tmp_path / "claude"
     ws, sibling, tmp = base / "swarm-general-001", base / "swarm-general-002", tmp_path / "tmp-001"
@@ -430,7 +434,14 @@ def test_a_daemon_completes_the_ruleset_its_supervisor_built(tmp_path: Path, bui
     spec = {"kind": "landlock", "program": "true", "read_only": ["/usr", str(shared)],
             "read_only_checked_for": os.path.realpath(base)}
     grants = [{"name": "tok", "file": str(secret)}]
-    fd = daemon_ruleset(spec, base, grants) if built_by == "parent" else None
+    fd = None
+    if built_by == "parent":
+        fd = daemon_ruleset(spec, base, grants)
+    elif built_by == "parent-reusing-handles":
+        handles = sandbox.PathHandles(fresh_for=60)
+        os.close(daemon_ruleset(spec, base, grants, handles))  # another daemon's, first
+        fd = daemon_ruleset(spec, base, grants, handles)
+        handles.close()
     assert not ws.exists()  # the parent's ruleset is built before the workspace exists
 
     def daemon() -> dict[str, bool]:
@@ -477,3 +488,74 @@ def test_the_supervisors_ruleset_is_refused_with_an_unvouched_grant(tmp_path: Pa
         daemon_ruleset(spec, base, [{"name": "x", "file": str(tmp_path)}])
     assert daemon_ruleset({"kind": "bwrap"}, base, []) is None
     assert daemon_ruleset(None, base, []) is None
+
+
+def test_rule_path_handles_are_reused_while_fresh_then_reopened(tmp_path: Path) -> None:
+    """sandbox.PathHandles: one descriptor per path for ``fresh_for`` seconds, then the
+    paths are opened again, so a file replaced by rename is granted as it now is."""
+    target, missing = tmp_path / "passwd", tmp_path / "absent"
+    target.write_text("old")
+    handles = sandbox.PathHandles(fresh_for=0.3)
+    first = handles.get(str(target))
+    assert first is not None and first[1] is False  # a file, not a directory
+    assert handles.get(str(target)) == first and handles.get(str(missing)) is None
+    assert handles.get(str(tmp_path)) is not None and handles.get(str(tmp_path))[1] is True
+    (tmp_path / "passwd.new").write_text("new")
+    os.replace(tmp_path / "passwd.new", target)  # as useradd replaces /etc/passwd
+    assert handles.get(str(target)) == first  # still the old inode, within the window
+    assert os.fstat(first[0]).st_ino != target.stat().st_ino
+    time.sleep(0.35)
+    renewed = handles.get(str(target))
+    assert renewed is not None and os.fstat(renewed[0]).st_ino == target.stat().st_ino
+    assert len(handles) == 1  # the old generation was closed, not kept beside the new
+    handles.close()
+    assert len(handles) == 0
+
+
+def test_rule_path_handles_close_themselves_when_stale_under_a_loop(tmp_path: Path) -> None:
+    """An idle supervisor holds no handles: they would pin filesystems against umount."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> tuple[int, int, int]:
+        handles = sandbox.PathHandles(fresh_for=0.2)
+        before = open_fds()
+        for name in ("a", "b", "c"):
+            (tmp_path / name).write_text(name)
+            handles.get(str(tmp_path / name))
+        during = open_fds()
+        await asyncio.sleep(0.35)
+        return before, during, open_fds()
+
+    before, during, after = asyncio.run(scenario())
+    assert during == before + 3 and after == before
+
+
+@pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="this kernel offers no Landlock")
+def test_a_ruleset_from_stale_handles_misses_a_replaced_file_and_fresh_ones_grant_it(
+        tmp_path: Path) -> None:
+    """Why handles expire: a rule binds an inode. A file replaced by rename after its
+    handle was opened is not granted by rulesets built from that handle, and is again
+    once the handles are renewed."""
+    target = tmp_path / "conf"
+    target.write_text("old")
+    policy = sandbox.SandboxPolicy(read_write=(), read_only=(str(target),))
+    handles = sandbox.PathHandles(fresh_for=0.3)
+    os.close(sandbox.prepare_landlock(policy, handles=handles))  # opens the handle
+    (tmp_path / "conf.new").write_text("new")
+    os.replace(tmp_path / "conf.new", target)
+    stale = sandbox.prepare_landlock(policy, handles=handles)
+    time.sleep(0.35)
+    fresh = sandbox.prepare_landlock(policy, handles=handles)
+    handles.close()
+
+    def reads_under(ruleset: int) -> bool:
+        sandbox.restrict_self(ruleset)
+        return _can(lambda: target.read_text())
+
+    try:
+        assert in_fork(lambda _fd: reads_under(stale)) is False
+        assert in_fork(lambda _fd: reads_under(fresh)) is True
+    finally:
+        os.close(stale)
+        os.close(fresh)
