@@ -71,6 +71,25 @@ def test_per_agent_files_hold_only_their_agent(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "agents")) == ["a1.log", "a2.log"]
 
 
+def test_a_record_is_formatted_once_for_both_files(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor's file and the agent's file write the same line, made once."""
+    made: list[str] = []
+    real = journal.JsonFormatter._format
+
+    def counting(self: journal.JsonFormatter, record: logging.LogRecord) -> str:
+        made.append(record.getMessage())
+        return real(self, record)
+
+    monkeypatch.setattr(journal.JsonFormatter, "_format", counting)
+    setup_logging(log_dir=tmp_path, journal=False, stderr=False)
+    log.info("started %s", "a1", extra=log_fields(agent="a1", event="spawn"))
+    log.info("ready %s", "a1", extra=log_fields(agent="a1", event="boot"))
+    assert made == ["started a1", "ready a1"]
+    assert (tmp_path / "agents" / "a1.log").read_text() == (tmp_path / "supervisor.log").read_text()
+    assert [e["msg"] for e in _lines(tmp_path / "agents" / "a1.log")] == ["started a1", "ready a1"]
+
+
 def _open_fds_under(directory: Path) -> int:
     count = 0
     for name in os.listdir("/proc/self/fd"):
