@@ -287,7 +287,7 @@ class ForkServerClient:
             return
         remaining = self._wait_until - asyncio.get_running_loop().time()
         if remaining > 0:
-            await asyncio.wait([asyncio.shield(self._ready)], timeout=remaining)
+            await asyncio.wait([self._ready], timeout=remaining)  # which never cancels it
 
     def _on_readable(self) -> None:
         assert self._sock is not None
