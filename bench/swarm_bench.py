@@ -56,6 +56,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -618,8 +619,17 @@ def bench_peer(peer: str, n: int, rep: int) -> dict[str, Any]:
 
 
 def run_all(opts: Options, out: Path | None) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    """Every run of the table; the swarms' HOMEs (logs and state, on tmpfs by default:
+    memory) are removed at the end, every swarm having been stopped by then."""
     base = Path(tempfile.mkdtemp(prefix="agentctl-bench-", dir=opts.scratch))
+    try:
+        return _run_all(opts, out, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_all(opts: Options, out: Path | None, base: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     sizes = sorted(set(opts.sizes + ([opts.big] if opts.big else [])))
     for rep in range(opts.rep_offset, opts.rep_offset + opts.reps):
         for n in sizes:
