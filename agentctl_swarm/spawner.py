@@ -219,6 +219,7 @@ class ForkServerClient:
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._ready: asyncio.Future[None] | None = None
         self._wait_until = 0.0  # loop time; see settled
+        self._said_late = False  # settled's warning, once per start of the fork-server
         self._slots = asyncio.Semaphore(FORKSERVER_IN_FLIGHT)
 
     @classmethod
@@ -271,6 +272,7 @@ class ForkServerClient:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._wait_until = loop.time() + FORKSERVER_WORTH_WAITING
+        self._said_late = False
         loop.add_reader(self._sock.fileno(), self._on_readable)
 
     async def wait_ready(self, timeout: float = FORKSERVER_READY_TIMEOUT) -> None:
@@ -288,6 +290,10 @@ class ForkServerClient:
         remaining = self._wait_until - asyncio.get_running_loop().time()
         if remaining > 0:
             await asyncio.wait([self._ready], timeout=remaining)  # which never cancels it
+        if not self._ready.done() and not self._said_late:
+            self._said_late = True
+            log.warning("fork-server %s not ready after %.0f s; daemons are exec'd until it is",
+                        self.pid, FORKSERVER_WORTH_WAITING)
 
     def _on_readable(self) -> None:
         assert self._sock is not None

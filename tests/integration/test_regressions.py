@@ -392,6 +392,7 @@ def test_a_forkserver_stuck_in_its_preload_delays_the_start_at_most_two_seconds(
                 "too slow to catch the fork-server before its preload ended"
             assert {a["spawned_via"] for a in snap["agents"]} == {"exec"}
             assert took < FORKSERVER_WORTH_WAITING + 8, f"ready after {took:.1f} s"
+            assert _log(swarm).count(f"fork-server {stuck} not ready after 2 s; daemons are exec'd") == 1
         finally:
             os.kill(stuck, signal.SIGCONT)
         swarm.wait_for(lambda: swarm.status()["supervisor"]["forkserver_ready"], 15, "the fork-server")
