@@ -406,9 +406,11 @@ def _serving_code() -> set[CodeType]:
 
 def _code_named_from(root: FunctionType) -> set[CodeType]:
     """The code of ``root`` and of every function of this package it names, transitively
-    (a static stand-in for what it calls: a name is looked up in the function's
-    globals and in every module of the package, and a class, module or instance
-    found that way contributes the methods its code names)."""
+    (a static stand-in for what it calls: a global or attribute name is looked up in
+    the function's globals and in every module of the package, and a class, module or
+    instance found that way contributes the methods its code names). Local variable
+    names are not names of anything: a parameter called ``main`` once pulled in
+    ``relay.main`` and all it calls."""
     package = [module for name, module in list(sys.modules.items())
                if name == __package__ or name.startswith(__package__ + ".")]
     found: set[CodeType] = set()
@@ -421,7 +423,7 @@ def _code_named_from(root: FunctionType) -> set[CodeType]:
             continue
         found.add(func.__code__)
         codes = [func.__code__, *(c for c in func.__code__.co_consts if isinstance(c, CodeType))]
-        names = {name for code in codes for name in code.co_names + code.co_varnames}
+        names = {name for code in codes for name in code.co_names}  # globals and attributes
         for name in names:
             for holder in (func.__globals__, *(vars(module) for module in package)):
                 value = holder.get(name)

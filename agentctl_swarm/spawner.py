@@ -436,14 +436,15 @@ class Spawner:
         plan.supervisor_pid = self.supervisor_pid
         pass_fds = pass_fds or {}
         plan.extra["fds"] = list(pass_fds)
-        if self.forkserver is not None:
+        fs = self.forkserver
+        if fs is not None:
             # The swarm's first daemons are prepared while the fork-server preloads
             # (Supervisor.boot): a fork in a few hundred ms is cheaper than an exec now.
-            await self.forkserver.settled()
-        if self.forkserver is not None and self.forkserver.alive:
+            await fs.settled()
+        if fs is not None and fs.alive:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                pid = await self.forkserver.spawn(plan, [theirs.fileno(), *pass_fds.values()])
+                pid = await fs.spawn(plan, [theirs.fileno(), *pass_fds.values()])
                 return pid, ours, "fork-server"
             except SpawnError as exc:
                 # A late answer may still start a daemon on this socketpair: closing our

@@ -16,7 +16,6 @@ ready time, USS and PSS per arm, and each arm's ratio to the first.
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from swarm_bench import byte_compile_package  # noqa: E402
 
 # Runs inside an arm's directory, with that arm's code on sys.path.
 _ONE_START = r"""
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interleave(args: argparse.Namespace, dirs: list[Path]) -> dict[str, list[dict[str, float]]]:
     for directory in dirs:
-        compileall.compile_dir(str(directory / "agentctl_swarm"), quiet=1)
+        byte_compile_package(directory)
     seen: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
     for rnd in range(args.rounds):
         for arm, directory in zip(args.arms, dirs):

@@ -799,15 +799,16 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def byte_compile_package() -> str:
+def byte_compile_package(root: Path = ROOT) -> str:
     """Write the package's bytecode caches, as ``pip install`` and the Debian package do
     at install time, so that every start measures an installed swarm. Without them,
     each supervisor, fork-server and exec'd daemon compiles the modules it imports from
     source at every start (~0.1 s of the supervisor's start, measured), and
     PYTHONDONTWRITEBYTECODE=1, which some environments set (these machines do), keeps
-    Python from writing them itself. Returns a line for the report."""
+    Python from writing them itself. ``root``: the project copy (this one by default).
+    Returns a line for the report."""
     import compileall
-    package = ROOT / "agentctl_swarm"
+    package = root / "agentctl_swarm"
     ok = compileall.compile_dir(str(package), quiet=1)
     return f"bytecode of {package} {'written' if ok else 'NOT fully written (see errors above)'}"
 

@@ -499,14 +499,11 @@ def add_landlock_rules(ruleset_fd: int, *, read_only: Iterable[str] = (),
     rule = _PathBeneathAttr(0, -1)  # one struct, refilled per rule: ~170 rules per ruleset
     for paths, access in ((read_only, _READ_ONLY & handled), (read_write, handled)):
         for path in paths:
-            if handles is not None:
-                _add_rule(ruleset_fd, rule, path, access, handles.get(path))
-                continue
-            handle = _open_path(path)
-            if handle is not None:
-                try:
-                    _add_rule(ruleset_fd, rule, path, access, handle)
-                finally:
+            handle = handles.get(path) if handles is not None else _open_path(path)
+            try:
+                _add_rule(ruleset_fd, rule, path, access, handle)
+            finally:
+                if handles is None and handle is not None:  # ours, for this rule only
                     os.close(handle[0])
 
 
