@@ -49,9 +49,10 @@ finally:
 
 def export(arm: str, into: Path) -> Path:
     """The directory of ``arm``: itself if it is one, else ``git archive`` of the revision."""
+    target = into / arm.replace("/", "_")
+    arm = arm.rsplit("#", 1)[0] if "#" in arm and not Path(arm).exists() else arm  # label (main)
     if Path(arm).is_dir():
         return Path(arm).resolve()
-    target = into / arm.replace("/", "_")
     target.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", arm], capture_output=True)
     if archive.returncode != 0:
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.arms) < 2:
         parser.error("give at least two arms")
+    # The same arm may be given twice (a null A/B shows the noise): label each by position.
+    args.arms = [arm if args.arms.count(arm) == 1 else f"{arm}#{i + 1}"
+                 for i, arm in enumerate(args.arms)]
     work = Path(tempfile.mkdtemp(prefix="ab-start-"))
     try:
         seen = _interleave(args, [export(arm, work) for arm in args.arms])
