@@ -128,7 +128,10 @@ def rehearse(rounds: int = REHEARSALS) -> int:
 async def _rehearse(work: Path, rounds: int, done: list[str]) -> None:
     from .agentchat.relay import Relay
     REHEARSAL_SCAFFOLD.set(True)  # in this task's own context: the relay and the driver
-    relay = Relay(rate_limit=0)
+    # Uncorked: the corked relay flushes fan-out at most every 20 ms, and each rehearsal
+    # waits for its heartbeat's echo, so the fork-server sat idle ~20 ms per rehearsal
+    # before its first fork.
+    relay = Relay(rate_limit=0, cork=0.0)
     await relay.start()
     try:
         for i in range(rounds):
@@ -170,7 +173,7 @@ async def _rehearse_one(url: str, work: Path, name: str) -> None:
     try:
         await ready
         while daemon.client is not None and daemon.client.queued:  # until the heartbeat is echoed
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.001)  # a few turns at most: the fork-server waits on this
         channel.send({"t": "stop"})
         await running
     finally:

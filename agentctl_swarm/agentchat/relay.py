@@ -207,8 +207,9 @@ class Relay:
                  challenge_ttl_s: float = 60.0, lurk: bool = False, lurk_s: float = 3600.0,
                  announce_presence: bool = False, ping_interval: float | None = None,
                  server_name: str = "agentctl-relay", history_file: Path | None = None,
-                 mute: bool = True) -> None:
+                 mute: bool = True, cork: float = CORK_S) -> None:
         self.host, self.port = host, port
+        self._cork = cork
         self._interval = 1.0 / rate_limit if rate_limit > 0 else 0.0
         self._ttl = challenge_ttl_s
         self._lurk, self._lurk_ms = lurk, int(lurk_s * 1000)
@@ -241,7 +242,7 @@ class Relay:
     async def start(self) -> int:
         """Bind and start accepting; returns the bound port."""
         self._server = await _ws.serve(self._on_open, self.host, self.port,
-                                       max_size=p.MAX_FRAME_BYTES, backlog=4096, cork=CORK_S)
+                                       max_size=p.MAX_FRAME_BYTES, backlog=4096, cork=self._cork)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
