@@ -172,13 +172,35 @@ def alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------- the observer
+class _Watch:
+    """A waiter on the observer: the first heartbeat at or after ``since`` of each name
+    ``accept`` takes, until there are ``count`` of them."""
+
+    def __init__(self, since: float, count: int, accept: Callable[[str], bool]) -> None:
+        self.since, self.count, self.accept = since, count, accept
+        self.first: dict[str, float] = {}
+
+    def add(self, name: str, when: float) -> bool:
+        """Note one heartbeat; True when this one completes the count."""
+        if when < self.since or name in self.first or not self.accept(name):
+            return False
+        self.first[name] = when
+        return len(self.first) == self.count
+
+
 class Observer:
-    """Our own agentchat client on #agents, in a thread: who heartbeat, and when."""
+    """Our own agentchat client on #agents, in a thread: who heartbeat, and when.
+
+    Waiting is event-driven (``wait_senders``): the observer's thread wakes the waiter
+    when the heartbeat it waits for arrives, as supervisord's peer waits in ``select``
+    on its FIFO; the benchmark does not poll the observer while the swarm starts."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.beats: dict[str, list[float]] = {}
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.watches: list[_Watch] = []
         self.loop = asyncio.new_event_loop()
         self.client: AgentChatClient | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -204,6 +226,8 @@ class Observer:
             name = content.split()[1]
             with self.lock:
                 self.beats.setdefault(name, []).append(now)
+                if any([watch.add(name, now) for watch in self.watches]):
+                    self.arrived.notify_all()
 
     def reset(self) -> None:
         with self.lock:
@@ -212,12 +236,42 @@ class Observer:
     def senders_since(self, t0: float) -> dict[str, float]:
         """name -> first heartbeat at or after t0."""
         with self.lock:
-            out = {}
-            for name, times in self.beats.items():
-                later = [t for t in times if t >= t0]
-                if later:
-                    out[name] = later[0]
-            return out
+            return self._senders_since(t0)
+
+    def _senders_since(self, t0: float) -> dict[str, float]:
+        out = {}
+        for name, times in self.beats.items():
+            later = [t for t in times if t >= t0]
+            if later:
+                out[name] = later[0]
+        return out
+
+    def wait_senders(self, since: float, count: int, timeout: float,
+                     accept: Callable[[str], bool] = lambda name: True,
+                     check: Callable[[], None] = lambda: None) -> dict[str, float]:
+        """Block until ``count`` names that ``accept`` takes heartbeat at or after
+        ``since``; returns name -> first such heartbeat. ``check`` runs every 0.1 s
+        meanwhile (it may raise); TimeoutError after ``timeout`` s."""
+        watch = _Watch(since, count, accept)
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            for name, when in sorted(self._senders_since(since).items(), key=lambda kv: kv[1]):
+                watch.add(name, when)
+            self.watches.append(watch)
+        try:
+            while True:
+                with self.lock:
+                    if len(watch.first) < count:
+                        self.arrived.wait(max(0.0, min(deadline - time.monotonic(), 0.1)))
+                    if len(watch.first) >= count:
+                        return dict(watch.first)
+                    seen = len(watch.first)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {seen}/{count} daemons heartbeat within {timeout:.0f}s")
+                check()
+        finally:
+            with self.lock:
+                self.watches.remove(watch)
 
     def stop(self) -> None:
         if self.client is not None:
@@ -292,20 +346,17 @@ class Run:
         self.swarm.start("--count", str(self.count), wait_ready=False)
         return self.wait_heartbeats(self.count, self.t_launch, timeout=self.ready_timeout)
 
-    def wait_heartbeats(self, count: int, since: float, timeout: float,
-                        names: Callable[[dict[str, float]], int] | None = None) -> float:
+    def wait_heartbeats(self, count: int, since: float, timeout: float) -> float:
+        """Seconds from ``since`` to the ``count``-th daemon's first heartbeat after it."""
         assert self.observer is not None and self.swarm is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.observer.senders_since(since)
-            if len(seen) >= count:
-                return sorted(seen.values())[count - 1] - since
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(seen)}/{count} daemons heartbeat within {timeout:.0f}s")
-            self.swarm.check_alive()
-            if mem_available_mb() < MIN_AVAILABLE_MB:
-                raise MemoryError(f"MemAvailable below {MIN_AVAILABLE_MB} MB with {len(seen)} up; aborted")
-            time.sleep(0.01)
+        seen = self.observer.wait_senders(since, count, timeout, check=self._still_fine)
+        return sorted(seen.values())[count - 1] - since
+
+    def _still_fine(self) -> None:
+        assert self.swarm is not None
+        self.swarm.check_alive()
+        if mem_available_mb() < MIN_AVAILABLE_MB:
+            raise MemoryError(f"MemAvailable below {MIN_AVAILABLE_MB} MB; aborted")
 
     def status(self) -> dict[str, Any]:
         assert self.swarm is not None
@@ -421,12 +472,8 @@ def recovery(run: Run, kills: int, backoff: float = 1.0) -> list[float]:
     for agent in agents[:kills]:
         t_kill = time.monotonic()
         os.kill(agent["pid"], signal.SIGKILL)
-        deadline = t_kill + 30
-        while agent["name"] not in run.observer.senders_since(t_kill):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{agent['name']} did not come back within 30 s")
-            time.sleep(0.002)
-        results.append(run.observer.senders_since(t_kill)[agent["name"]] - t_kill - backoff)
+        back = run.observer.wait_senders(t_kill, 1, 30, accept=lambda name: name == agent["name"])
+        results.append(back[agent["name"]] - t_kill - backoff)
     return results
 
 
@@ -464,16 +511,16 @@ def _wait_log_line(log: Path, offset: int, needle: str, timeout: float) -> float
 def scale_up(run: Run, target: int) -> float:
     assert run.swarm is not None
     t0 = time.monotonic()
-    before = set(run.observer.beats) if run.observer else set()
+    assert run.observer is not None
+    with run.observer.lock:
+        before = set(run.observer.beats)
     run.swarm.cli("swarm", "scale", str(target))
-    deadline = t0 + SCALE_TIMEOUT_S
-    while True:
-        seen = set(run.observer.beats) if run.observer else set()
-        if len(seen) >= target and len(seen - before) >= target - len(before):
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"scale up: {len(seen)}/{target} heartbeating after {SCALE_TIMEOUT_S:.0f} s")
-        time.sleep(0.01)
+    try:
+        new = run.observer.wait_senders(t0, target - len(before), SCALE_TIMEOUT_S,
+                                        accept=lambda name: name not in before)
+    except TimeoutError as exc:
+        raise TimeoutError(f"scale up to {target}: {exc}") from None
+    return max(new.values()) - t0
 
 
 def scale_down(run: Run, target: int) -> float:
