@@ -125,7 +125,10 @@ class Coordinator:
                                       on_message=self._on_chat, on_event=self._on_link_event,
                                       send_interval=1.0 / cfg.agentchat_rate_limit
                                       if cfg.agentchat_rate_limit else 0.0,
-                                      deliver_replay=True)  # TASKs posted while we were away
+                                      deliver_replay=True,  # TASKs posted while we were away
+                                      # daemons' liveness comes over IPC (health monitor): the
+                                      # relay need not send us N heartbeats per interval
+                                      ignore_heartbeats=True)
         asyncio.get_running_loop().create_task(self.client.run())
         await self.client.wait_connected(10.0)
 

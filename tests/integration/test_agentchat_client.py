@@ -324,6 +324,44 @@ async def test_ignore_heartbeats_asks_a_relay_that_offers_it_to_mute_them() -> N
         await relay.stop()
 
 
+def test_the_coordinator_is_not_sent_the_daemons_heartbeats(tmp_path) -> None:
+    """The supervisor's coordinator learns liveness over IPC, not from the channel: it
+    asks the relay not to send it HEARTBEATs (1000 daemons beat 1000 times an interval),
+    and still takes every other line."""
+    from types import SimpleNamespace
+
+    from agentctl_swarm import coordinator as coord
+    from agentctl_swarm.config import load_config
+    from agentctl_swarm.paths import SwarmPaths
+
+    @arun()
+    async def scenario() -> None:
+        relay = Relay(rate_limit=0)
+        await relay.start()
+        paths = SwarmPaths(tmp_path / ".agentctl")
+        paths.ensure()
+        sup = SimpleNamespace(paths=paths, config=load_config(None, env={}, home=tmp_path),
+                              slots={}, stopping=False, relay_url=relay.url)
+        book = coord.Coordinator(sup)
+        heard: list[str] = []
+        book._on_chat = lambda frame: (heard.append(frame.get("content")), coord.Coordinator._on_chat(book, frame))
+        await book.start()
+        pt = Probe()
+        talker = make_client(relay.url, "swarm-general-001", pt, send_interval=0.01)
+        tasks = await running(talker)
+        talker.send("#agents", "HEARTBEAT swarm-general-001 idle")
+        talker.send("#agents", "TASK t-1 any build it")  # after the beat, on the same connection
+        async with asyncio.timeout(10):
+            while "t-1" not in book.tasks:
+                await asyncio.sleep(0.01)
+        assert heard == ["TASK t-1 any build it"]
+        await shutdown([talker], tasks)
+        await book.stop()
+        await relay.stop()
+
+    scenario()
+
+
 @arun()
 async def test_a_handed_over_connection_is_used_first_and_reconnects_are_the_clients_own() -> None:
     """A daemon's first relay connection is opened by its supervisor (_ws.open_upgraded)
