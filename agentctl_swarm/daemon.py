@@ -218,9 +218,10 @@ class Daemon:
     """The daemon's event loop side; one instance per process."""
 
     def __init__(self, ipc_sock: socket.socket, ruleset_fd: int | None = None,
-                 relay_fd: int | None = None) -> None:
+                 relay_fd: int | None = None, shared_fd: int | None = None) -> None:
         self.sock = ipc_sock
         self.ruleset_fd = ruleset_fd  # our Landlock ruleset, built by the supervisor (_confine)
+        self.shared_fd = shared_fd  # the Landlock layer all daemons share, if it split them
         self.relay_fd = relay_fd  # our first relay connection, opened by the supervisor (_start_link)
         self.status = Status.STARTING
         self.boot: dict[str, Any] = {}
@@ -318,9 +319,10 @@ class Daemon:
         from .isolation import confine_daemon
         assert self.spec is not None
         ruleset_fd, self.ruleset_fd = self.ruleset_fd, None
+        shared_fd, self.shared_fd = self.shared_fd, None
         try:
             return confine_daemon(self.boot.get("sandbox"), self.spec.root, self.spec.tmp_dir,
-                                  self.boot.get("grants", []), ruleset_fd)
+                                  self.boot.get("grants", []), ruleset_fd, shared_fd)
         except Exception as exc:  # noqa: BLE001 - an unconfined daemon still works; say so
             log.warning("daemon not confined: %s", exc, extra={"event": "sandbox"})
             return "none"
@@ -578,7 +580,7 @@ def log_to_stderr() -> None:
 def _run(ipc_fd: int, fds: dict[str, int]) -> int:
     sock = socket.socket(fileno=ipc_fd)
     sock.setblocking(False)
-    return run_loop(Daemon(sock, fds.get("ruleset"), fds.get("relay")).run())
+    return run_loop(Daemon(sock, fds.get("ruleset"), fds.get("relay"), fds.get("shared")).run())
 
 
 def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -632,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a Landlock ruleset to complete and enter after boot")
     parser.add_argument("--relay-fd", type=int, default=None,
                         help="a relay connection, upgraded to WebSocket, to identify on")
+    parser.add_argument("--shared-fd", type=int, default=None,
+                        help="the Landlock layer all daemons share, entered before the ruleset")
     args = parser.parse_args(argv)
     log_to_stderr()
-    fds = {"ruleset": args.ruleset_fd, "relay": args.relay_fd}
+    fds = {"ruleset": args.ruleset_fd, "relay": args.relay_fd, "shared": args.shared_fd}
     return _run(args.ipc_fd, {role: fd for role, fd in fds.items() if fd is not None})
 
 

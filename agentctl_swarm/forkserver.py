@@ -49,7 +49,7 @@ from typing import Any, Callable
 from .system import proc
 
 MAX_REQUEST = 64 * 1024
-MAX_FDS = 4  # more is an error, but is received (and closed) whole
+MAX_FDS = 4  # IPC, relay, own and shared Landlock layers; more is an error, received (and closed) whole
 SIBLING_FORK: Callable[[], int] | None = None  # set in main(): forks with CLONE_PARENT, if it can
 SUPERVISOR_PID = 0  # set in main(): our parent
 
@@ -483,8 +483,8 @@ def _handle(sock: socket.socket, size: int, flags: int, fds: list[int]) -> None:
         req_id = int(_REQUEST[:header])
         if flags & _TRUNCATED:
             raise ValueError(f"request larger than {MAX_REQUEST} bytes or {MAX_FDS} descriptors")
-        if not 1 <= len(fds) <= 3:
-            raise ValueError(f"expected 1 to 3 descriptors, got {len(fds)}")
+        if not 1 <= len(fds) <= MAX_FDS:
+            raise ValueError(f"expected 1 to {MAX_FDS} descriptors, got {len(fds)}")
         _spawn(sock, req_id, header + 1, size, fds)
     except Exception as exc:  # noqa: BLE001 - one bad request must not end the server
         _reply(sock, {"id": req_id, "error": f"{type(exc).__name__}: {exc}"})

@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -419,11 +419,28 @@ class PathHandles:
     def __init__(self, fresh_for: float = 2.0) -> None:
         self.fresh_for = fresh_for
         self._handles: dict[str, tuple[int, bool] | None] = {}
+        self._layers: dict[Any, tuple[int, SandboxPolicy]] = {}
         self._stale_at = 0.0
 
     def get(self, path: str) -> tuple[int, bool] | None:
         """(descriptor, is a directory) for ``path``; None if it is missing or this uid
         cannot look it up (``_add_rule`` skips those). The descriptor stays ours."""
+        self._renew_if_stale()
+        if path not in self._handles:
+            self._handles[path] = _open_path(path)
+        return self._handles[path]
+
+    def shared_layer(self, policy: SandboxPolicy, base: str) -> tuple[int, SandboxPolicy]:
+        """``split_layers(policy, base)`` built from this generation's handles, once per
+        generation and kept with it (its rules hold the same inodes); the descriptor
+        stays ours, a caller hands on a ``dup``."""
+        self._renew_if_stale()
+        key = (policy, base)
+        if key not in self._layers:
+            self._layers[key] = split_layers(policy, base, self)
+        return self._layers[key]
+
+    def _renew_if_stale(self) -> None:
         now = time.monotonic()
         if now >= self._stale_at:
             self.close()
@@ -432,9 +449,6 @@ class PathHandles:
                 asyncio.get_running_loop().call_later(self.fresh_for, self._expire)
             except RuntimeError:  # no loop: the next get() after fresh_for renews them
                 pass
-        if path not in self._handles:
-            self._handles[path] = _open_path(path)
-        return self._handles[path]
 
     def _expire(self) -> None:
         if time.monotonic() >= self._stale_at:
@@ -445,9 +459,12 @@ class PathHandles:
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
+        layers, self._layers = self._layers, {}
         for handle in handles.values():
             if handle is not None:
                 os.close(handle[0])
+        for fd, _own in layers.values():
+            os.close(fd)
 
 
 def _open_path(path: str) -> tuple[int, bool] | None:
@@ -488,6 +505,50 @@ def prepare_landlock(policy: SandboxPolicy, abi: int | None = None,
         os.close(fd)
         raise
     return fd
+
+
+def split_layers(policy: SandboxPolicy, base: str,
+                 handles: PathHandles | None = None) -> tuple[int, SandboxPolicy]:
+    """The ruleset of ``policy`` plus a workspace directly under ``base``, as two layers:
+    one that every workspace under ``base`` can share, and the policy of each one's own.
+
+    Building ~165 rules per daemon was the supervisor's largest cost in a start. Landlock
+    stacks layers, and an access must be allowed by each. The shared layer (returned
+    built) is ``policy`` plus read-write on all of ``base``. The own layer (returned as a
+    policy; each daemon's is built from it, and its workspace added) allows everything
+    beneath a few covering directories, and exactly what ``policy`` grants inside
+    ``base`` and on the directories that contain it: a grant outside them is covered by
+    its topmost ancestor that does not contain ``base`` (``/etc/passwd`` by ``/etc``), and
+    the shared layer keeps it to what ``policy`` says. Together they allow what a single
+    ruleset of ``policy`` plus the own workspace allows: beneath ``base`` the shared layer
+    allows everything and the own layer holds ``policy``'s rules and the workspace;
+    elsewhere the own layer allows everything the shared one does, which is ``policy``.
+    Paths are taken real (rules bind the object a symlink leads to)."""
+    base = os.path.realpath(base)
+    if not os.path.isdir(base):
+        raise SandboxError(f"landlock: {base} is not a directory; no shared layer")
+    containing = {base}
+    parent = base
+    while parent != "/":
+        parent = os.path.dirname(parent)
+        containing.add(parent)
+    inside = base.rstrip("/") + "/"
+    read_write: dict[str, None] = {}
+    read_only: dict[str, None] = {}
+    for paths, exact in ((policy.read_write, read_write), (policy.read_only, read_only)):
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in containing or real.startswith(inside):
+                exact[path] = None  # as policy grants it
+                continue
+            while os.path.dirname(real) not in containing:
+                real = os.path.dirname(real)
+            read_write[real] = None  # everything beneath: the shared layer narrows it
+    shared = prepare_landlock(SandboxPolicy(read_write=policy.read_write + (base,),
+                                            read_only=policy.read_only), handles=handles)
+    own = SandboxPolicy(read_write=tuple(read_write),
+                        read_only=tuple(p for p in read_only if p not in read_write))
+    return shared, own
 
 
 def add_landlock_rules(ruleset_fd: int, *, read_only: Iterable[str] = (),

@@ -474,6 +474,109 @@ def test_a_daemon_completes_the_ruleset_its_supervisor_built(tmp_path: Path, bui
                     "read_home": False}
 
 
+def test_split_layers_covers_each_grant_outside_the_workspaces_by_one_directory(tmp_path: Path) -> None:
+    """The own layer allows everything beneath the topmost directory of each grant that
+    does not contain the workspaces, and holds exactly the grants inside them or on
+    their way: the shared layer narrows the first kind, nothing narrows the second."""
+    base = tmp_path / "home" / "dev" / "claude"
+    (base / "kept").mkdir(parents=True)
+    (tmp_path / "home" / ".pyenv" / "bin").mkdir(parents=True)
+    policy = sandbox.SandboxPolicy(
+        read_write=("/dev/null", str(tmp_path / "home" / "dev")),
+        read_only=("/etc/passwd", "/usr/lib", str(tmp_path / "home" / ".pyenv" / "bin"),
+                   str(base / "kept")))
+    handles = sandbox.PathHandles(fresh_for=60)
+    try:
+        if sandbox.landlock_abi() < 1:
+            pytest.skip("this kernel offers no Landlock (the shared layer is built)")
+        shared, own = handles.shared_layer(policy, str(base))
+        assert handles.shared_layer(policy, str(base))[0] == shared  # once per generation
+    finally:
+        handles.close()
+    with pytest.raises(OSError):
+        os.fstat(shared)  # closed with its generation
+    home = os.path.realpath(tmp_path / "home")
+    assert set(own.read_write) == {"/dev", "/etc", "/usr", f"{home}/.pyenv",
+                                   str(tmp_path / "home" / "dev")}
+    assert own.read_only == (str(base / "kept"),)
+
+
+def _reach(ws: Path, sibling: Path, base: Path, shared_ro: Path, secret: Path) -> dict[str, bool]:
+    """What a confined daemon can do, probe by probe."""
+    tmp = ws / ".tmp"
+    return {"write_own": _can(lambda: (ws / "f").write_text("x")),
+            "write_tmp": _can(lambda: (tmp / "f").write_text("x")),
+            "read_shared": _can(lambda: (shared_ro / "readme").read_text()),
+            "write_shared": _can(lambda: (shared_ro / "new").write_text("x")),
+            "read_secret": _can(lambda: secret.read_text()),
+            "read_usr": _can(lambda: os.listdir("/usr")),
+            "write_usr": _can(lambda: open("/usr/planted-by-test", "w").close()),
+            "read_passwd": _can(lambda: open("/etc/passwd").read()),
+            "read_shadow": _can(lambda: open("/etc/shadow").read()),
+            "write_dev_null": _can(lambda: open("/dev/null", "w").write("x")),
+            "read_sibling": _can(lambda: (sibling / "context.md").read_text()),
+            "write_sibling": _can(lambda: (sibling / "planted").write_text("x")),
+            "list_base": _can(lambda: os.listdir(base)),
+            "write_base": _can(lambda: (base / "planted").write_text("x")),
+            "read_home": _can(lambda: os.listdir(base.parent))}
+
+
+@pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="this kernel offers no Landlock")
+@pytest.mark.parametrize("layout", ["tmp-in-workspace", "tmp-elsewhere"])
+def test_two_layers_confine_a_daemon_as_one_ruleset_does(tmp_path: Path, layout: str) -> None:
+    """daemon_rulesets (a shared layer and the daemon's own) reach exactly what
+    daemon_ruleset's single ruleset reaches, probe by probe, with the real read-only
+    grants (``/etc`` entry by entry, its secrets left out): own workspace and tmp
+    writable, siblings and the workspaces' directory out of reach, ``/etc/shadow``
+    unreadable though the own layer allows all of ``/etc``. With the tmp outside the
+    workspaces' directory (which the shared layer would not allow), the daemon drops
+    the layers and builds one whole ruleset itself, and still reaches the same."""
+    from agentctl_swarm.isolation import confine_daemon, daemon_ruleset, daemon_rulesets
+    base = tmp_path / "home" / "claude"
+    shared_ro = tmp_path / "shared-ro"
+    secret = tmp_path / "token"
+    shared_ro.mkdir()
+    (shared_ro / "readme").write_text("ro")
+    secret.write_text("s3cret")
+    spec = {"kind": "landlock", "program": "true", "extra_read": [str(shared_ro)]}
+    grants = [{"name": "tok", "file": str(secret)}]
+    handles = sandbox.PathHandles(fresh_for=60)
+    seen = {}
+    try:
+        for how in ("one", "two"):
+            ws, sibling = base / f"swarm-general-{how}", base / f"swarm-qa-{how}"
+            sibling.mkdir(parents=True)
+            (sibling / "context.md").write_text("sibling")
+            if how == "one":
+                fds = {"ruleset": daemon_ruleset(spec, base, grants)}
+            else:
+                os.close(daemon_rulesets(spec, base, grants, handles)["ruleset"])  # another's first
+                fds = daemon_rulesets(spec, base, grants, handles)
+                assert set(fds) == {"shared", "ruleset"}
+
+            def daemon(_fd: int, ws: Path = ws, sibling: Path = sibling, fds: dict = fds) -> dict:
+                ws.mkdir(mode=0o700)
+                tmp = ws / ".tmp" if layout == "tmp-in-workspace" else tmp_path / f"tmp-{ws.name}"
+                tmp.mkdir()
+                if layout == "tmp-elsewhere":  # probe the tmp confine_daemon was given
+                    (ws / ".tmp").symlink_to(tmp)
+                confined = confine_daemon(spec, ws, tmp, grants, fds["ruleset"], fds.get("shared"))
+                return {"confined": confined, **_reach(ws, sibling, base, shared_ro, secret)}
+
+            seen[how] = in_fork(daemon)
+            for fd in fds.values():
+                os.close(fd)
+    finally:
+        handles.close()
+    assert seen["two"] == seen["one"]
+    assert seen["one"] == {"confined": "landlock", "write_own": True, "write_tmp": True,
+                           "read_shared": True, "write_shared": False, "read_secret": True,
+                           "read_usr": True, "write_usr": False, "read_passwd": True,
+                           "read_shadow": False, "write_dev_null": True, "read_sibling": False,
+                           "write_sibling": False, "list_base": False, "write_base": False,
+                           "read_home": False}
+
+
 @pytest.mark.skipif(sandbox.landlock_abi() < 1, reason="this kernel offers no Landlock")
 def test_the_supervisors_ruleset_is_refused_with_an_unvouched_grant(tmp_path: Path) -> None:
     """A read-only grant that contains the workspaces (not among those the supervisor
