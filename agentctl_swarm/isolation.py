@@ -137,7 +137,7 @@ def daemon_ruleset(spec: dict[str, Any] | None, workspaces: Path,
 
 
 def daemon_rulesets(spec: dict[str, Any] | None, workspaces: Path, grants: list[dict[str, str]],
-                    handles: sandbox.PathHandles) -> dict[str, int]:
+                    handles: sandbox.PathHandles | None = None) -> dict[str, int]:
     """What the supervisor hands a daemon it starts, by role: ``"shared"``, the layer all
     daemons under ``workspaces`` share (a ``dup`` of the one ``handles`` keep for their
     generation), and ``"ruleset"``, the daemon's own layer without its workspace
@@ -146,11 +146,13 @@ def daemon_rulesets(spec: dict[str, Any] | None, workspaces: Path, grants: list[
 
     A single ruleset was ~165 rules (133 of them ``/etc``'s entries, one by one, so that
     its secrets stay out) and ~0.7 ms of the supervisor's time per daemon; the own layer
-    is ~10 (0.16 ms). Where the workspaces' directory cannot be had (it does not exist), one whole
-    ruleset as ``daemon_ruleset`` builds it."""
+    is ~10 (0.16 ms). Without ``handles`` (nothing to keep a shared layer in), or where the
+    workspaces' directory cannot be had, one whole ruleset as ``daemon_ruleset`` builds it."""
     policy = _daemon_policy(spec, workspaces, grants)
     if policy is None:
         return {}
+    if handles is None:
+        return {"ruleset": sandbox.prepare_landlock(policy)}
     try:
         workspaces.mkdir(mode=0o700, parents=True, exist_ok=True)  # as workspace.prepare makes it
         shared, own = handles.shared_layer(policy, str(workspaces))
@@ -192,7 +194,7 @@ def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
     try:
         if not spec or spec.get("kind") != "landlock":
             return "none"
-        if shared_fd is not None and not _within(workspace.parent, workspace, tmpdir):
+        if shared_fd is not None and not _in_base(workspace, tmpdir):
             os.close(shared_fd)
             shared_fd = None
             if ruleset_fd is not None:  # an own layer, only half of the confinement: rebuild
@@ -212,10 +214,10 @@ def confine_daemon(spec: dict[str, Any] | None, workspace: Path, tmpdir: Path,
                 os.close(fd)
 
 
-def _within(directory: Path, *paths: Path) -> bool:
-    """Whether every one of ``paths`` is (really) beneath ``directory``."""
-    top = os.path.realpath(directory).rstrip("/") + "/"
-    return all(os.path.realpath(p).startswith(top) for p in paths)
+def _in_base(workspace: Path, tmpdir: Path) -> bool:
+    """Whether the workspace and the tmp both really lie in the workspaces' directory."""
+    base = Path(os.path.realpath(workspace.parent))
+    return all(sandbox.contains(base, Path(os.path.realpath(p))) for p in (workspace, tmpdir))
 
 
 def policy_from_spec(spec: dict[str, Any]) -> sandbox.SandboxPolicy:

@@ -154,8 +154,8 @@ async def handed_fds(boot: dict[str, Any], workspaces: Path,
 
     - ``"ruleset"`` and ``"shared"``: its Landlock rulesets, its own layer without its
       workspace and the layer all daemons share (``isolation.daemon_rulesets``, with the
-      caller's ``rule_paths``; without them one whole ruleset, ``daemon_ruleset``); the
-      daemon completes its own and enters both.
+      caller's ``rule_paths``; without them one whole ruleset); the daemon completes its
+      own and enters both.
     - ``"relay"``: its first relay connection, opened up to the WebSocket upgrade
       (``_ws.open_upgraded``; ``boot`` gets the ``relay_handover`` that goes with it);
       the daemon identifies and joins on it. Not for ``wss://`` (the TLS state cannot
@@ -165,17 +165,12 @@ async def handed_fds(boot: dict[str, Any], workspaces: Path,
     What cannot be made is left out, and the daemon does it itself (and says why if it
     cannot either)."""
     from .agentchat import _ws
-    from .isolation import daemon_ruleset, daemon_rulesets
+    from .isolation import daemon_rulesets
     from .system import sandbox
     handed: dict[str, int] = {}
     name = boot["workspace"]["name"]
     try:
-        if rule_paths is not None:
-            handed.update(daemon_rulesets(boot["sandbox"], workspaces, boot["grants"], rule_paths))
-        else:
-            ruleset = daemon_ruleset(boot["sandbox"], workspaces, boot["grants"])
-            if ruleset is not None:
-                handed["ruleset"] = ruleset
+        handed.update(daemon_rulesets(boot["sandbox"], workspaces, boot["grants"], rule_paths))
     except (sandbox.SandboxError, OSError) as exc:
         log.debug("no ruleset for %s: %s", name, exc)
     if boot["workspace"].get("repo") or not boot["server"].startswith("ws://"):

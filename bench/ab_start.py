@@ -47,10 +47,9 @@ finally:
 """
 
 
-def export(arm: str, into: Path) -> Path:
-    """The directory of ``arm``: itself if it is one, else ``git archive`` of the revision."""
-    target = into / arm.replace("/", "_")
-    arm = arm.rsplit("#", 1)[0] if "#" in arm and not Path(arm).exists() else arm  # label (main)
+def export(arm: str, target: Path) -> Path:
+    """The directory of ``arm``: itself if it is one, else ``git archive`` of the revision
+    unpacked into ``target``."""
     if Path(arm).is_dir():
         return Path(arm).resolve()
     target.mkdir()
@@ -83,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.arms) < 2:
         parser.error("give at least two arms")
     # The same arm may be given twice (a null A/B shows the noise): label each by position.
-    args.arms = [arm if args.arms.count(arm) == 1 else f"{arm}#{i + 1}"
-                 for i, arm in enumerate(args.arms)]
+    sources = args.arms
+    args.arms = [arm if sources.count(arm) == 1 else f"{arm}#{i + 1}" for i, arm in enumerate(sources)]
     work = Path(tempfile.mkdtemp(prefix="ab-start-"))
     try:
-        seen = _interleave(args, [export(arm, work) for arm in args.arms])
+        dirs = [export(arm, work / label.replace("/", "_")) for arm, label in zip(sources, args.arms)]
+        seen = _interleave(args, dirs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _report(args, seen)

@@ -255,7 +255,7 @@ class Observer:
         watch = _Watch(since, count, accept)
         deadline = time.monotonic() + timeout
         with self.lock:
-            for name, when in sorted(self._senders_since(since).items(), key=lambda kv: kv[1]):
+            for name, when in self._senders_since(since).items():  # those already here
                 watch.add(name, when)
             self.watches.append(watch)
         try:

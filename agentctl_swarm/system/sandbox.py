@@ -299,12 +299,12 @@ def _program_paths(command: str, forbidden: tuple[Path, ...]) -> list[str]:
             break
         real = Path(os.path.realpath(found))
         prefix = _install_prefix(real)
-        grants.append(str(real if any(_contains(prefix, f) for f in forbidden) else prefix))
+        grants.append(str(real if any(contains(prefix, f) for f in forbidden) else prefix))
         name = _shebang_interpreter(real)
     return grants
 
 
-def _contains(outer: Path, inner: Path) -> bool:
+def contains(outer: Path, inner: Path) -> bool:
     """True when ``inner`` is ``outer`` or lies beneath it."""
     return inner == outer or outer in inner.parents
 
@@ -313,7 +313,7 @@ def _check_tmpdir(tmpdir: Path) -> None:
     """The private tmp must be a directory of its own, not a shared one or an ancestor of it."""
     real = Path(os.path.realpath(tmpdir))
     for shared in _SHARED_TMP:
-        if _contains(real, Path(os.path.realpath(shared))):
+        if contains(real, Path(os.path.realpath(shared))):
             raise SandboxError(f"sandbox: tmpdir {tmpdir} is (or contains) the shared {shared}; "
                                "give each session a private directory")
 
