@@ -183,7 +183,7 @@ def test_every_hook_runs_when_the_server_has_threads_or_an_unknown_hook() -> Non
     assert unknown["limbo_lock"] != parent["limbo_lock"]
 
 
-def test_hot_code_leaves_out_what_runs_in_a_marked_context_and_puts_back_a_profiler() -> None:
+def test_hot_code_leaves_out_what_runs_in_a_marked_context_and_puts_back_a_tracer() -> None:
     import asyncio
     import contextvars
 
@@ -207,15 +207,16 @@ def test_hot_code_leaves_out_what_runs_in_a_marked_context_and_puts_back_a_profi
         await asyncio.create_task(marked_task(), context=marked)
         ours()
 
-    def other_profiler(frame, event, arg) -> None:
+    def other_tracer(frame, event, arg) -> None:
         return None
 
-    sys.setprofile(other_profiler)
+    previous = sys.gettrace()  # a coverage tool's, if any
+    sys.settrace(other_tracer)
     try:
         hot = forkserver.hot_code(lambda: asyncio.run(main()), unless=scaffold)
-        assert sys.getprofile() is other_profiler
+        assert sys.gettrace() is other_tracer
     finally:
-        sys.setprofile(None)
+        sys.settrace(previous)
     assert ours.__code__ in hot and main.__code__ in hot
     assert theirs.__code__ not in hot and marked_task.__code__ not in hot
     assert forkserver.hot_code(theirs) == {theirs.__code__}  # no mark: everything
