@@ -28,7 +28,6 @@ are called ``ClientConnection``/``ServerConnection``) through 17.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import ssl
@@ -483,7 +482,7 @@ async def open_upgraded(url: str, *, max_size: int | None = 2 ** 21,
             sock.close()
             raise
     after = [e.serialize(mask=False) for e in events[1:]]  # frames that came with the 101
-    return sock, dataclasses.asdict(uri), b"".join(after) + bytes(proto.reader.buffer)
+    return sock, dict(vars(uri)), b"".join(after) + bytes(proto.reader.buffer)  # (asdict: a deep copy)
 
 
 async def adopt(sock: socket.socket, uri: dict[str, Any], received: bytes = b"", *,

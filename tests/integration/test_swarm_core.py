@@ -55,10 +55,13 @@ def test_each_start_logs_where_its_boot_time_went(swarm: Swarm) -> None:
     swarm.wait_for(lambda: log.read_text().count('"event": "boot"') >= 3, 10, "three boot lines")
     lines = [json.loads(line) for line in log.read_text().splitlines() if '"event": "boot"' in line]
     assert sorted(e["agent"] for e in lines) == ["swarm-general-001", "swarm-general-002", "swarm-general-003"]
+    pids = {a["name"]: a["pid"] for a in swarm.status()["agents"]}
     for entry in lines:
         name, rest = entry["msg"].split(" ready in ")
-        total, phases = rest.split(" ms (")
-        parts = dict((k, float(v)) for k, v in (p.split() for p in phases.rstrip(")").split(", ")))
+        total, inside = rest.split(" ms (")
+        who, phases = inside.rstrip(")").split("; ")
+        assert who == f"pid {pids[name]}, fork-server", entry["msg"]  # one line per start, with its PID
+        parts = dict((k, float(v)) for k, v in (p.split() for p in phases.split(", ")))
         assert list(parts) == ["spawn", "prepare", "confine", "connect", "other"], entry["msg"]
         assert all(v >= 0 for v in parts.values()) and parts["connect"] > 0
         assert abs(sum(parts.values()) - float(total)) <= 2, entry["msg"]  # the phases add up
