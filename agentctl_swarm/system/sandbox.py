@@ -72,7 +72,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +420,7 @@ class PathHandles:
         self.fresh_for = fresh_for
         self._handles: dict[str, tuple[int, bool] | None] = {}
         self._layers: dict[Any, tuple[int, SandboxPolicy]] = {}
+        self._derived: dict[Any, Any] = {}
         self._stale_at = 0.0
 
     def get(self, path: str) -> tuple[int, bool] | None:
@@ -439,6 +440,14 @@ class PathHandles:
         if key not in self._layers:
             self._layers[key] = split_layers(policy, base, self)
         return self._layers[key]
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, once per generation for ``key``: for what is worked out from the
+        paths as they are now (whether they exist, where they resolve), as the handles are."""
+        self._renew_if_stale()
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def _renew_if_stale(self) -> None:
         now = time.monotonic()
@@ -460,6 +469,7 @@ class PathHandles:
     def close(self) -> None:
         handles, self._handles = self._handles, {}
         layers, self._layers = self._layers, {}
+        self._derived = {}
         for handle in handles.values():
             if handle is not None:
                 os.close(handle[0])

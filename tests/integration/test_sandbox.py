@@ -615,6 +615,24 @@ def test_rule_path_handles_are_reused_while_fresh_then_reopened(tmp_path: Path) 
     assert len(handles) == 0
 
 
+def test_what_is_derived_from_the_paths_is_worked_out_once_per_generation(tmp_path: Path) -> None:
+    """PathHandles.derived: a daemon's policy (~170 paths checked and resolved) is the same
+    for every daemon of a role within a generation, and worked out again with the handles."""
+    handles = sandbox.PathHandles(fresh_for=0.3)
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(len(made))
+        return made[-1]
+
+    assert handles.derived("k", make) == 0 and handles.derived("k", make) == 0
+    assert handles.derived("other", make) == 1  # another key: its own
+    time.sleep(0.35)
+    assert handles.derived("k", make) == 2  # a new generation
+    handles.close()
+    assert handles.derived("k", make) == 3  # closed with the handles
+
+
 def test_rule_path_handles_close_themselves_when_stale_under_a_loop(tmp_path: Path) -> None:
     """An idle supervisor holds no handles: they would pin filesystems against umount."""
     def open_fds() -> int:
