@@ -11,6 +11,10 @@ machine's speed drifts by tens of percent within an hour here, so only arms meas
 interleaved, in the same minutes, can be compared; a full ``swarm_bench.py`` run
 cannot tell a 5 % change from the drift. Prints each start as it ends, then the median
 ready time, USS and PSS per arm, and each arm's ratio to the first.
+
+``--preload`` measures instead the fork-server's way to its first fork, alone: a fresh
+interpreter that imports the CLI and runs ``forkserver.preload()``, its CPU time
+(``time.process_time``, interpreter start included) per arm; a start's fixed part.
 """
 
 from __future__ import annotations
@@ -61,6 +65,25 @@ def export(arm: str, target: Path) -> Path:
     return target
 
 
+# Runs inside an arm's directory: the fork-server's preload, as prestart runs it.
+_ONE_PRELOAD = r"""
+import json, sys, time
+sys.path[:0] = ["."]
+from agentctl_swarm import cli, forkserver
+forkserver.preload()
+print(json.dumps({"preload_cpu_ms": 1000 * time.process_time()}))
+"""
+
+
+def one_preload(directory: Path) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", _ONE_PRELOAD], cwd=directory, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(directory)}, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"ab_start: a preload in {directory} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def one_start(directory: Path, count: int, scratch: str) -> dict[str, float]:
     code = _ONE_START.replace("COUNT", str(count)).replace("SCRATCH", repr(scratch))
     done = subprocess.run([sys.executable, "-c", code], cwd=directory, capture_output=True, text=True,
@@ -76,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("arms", nargs="+", metavar="ARM", help="git revision or directory")
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--preload", action="store_true",
+                        help="time the fork-server's preload alone, not a start")
     parser.add_argument("--scratch", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                         help="where the HOMEs go (default /dev/shm: see swarm_bench --scratch)")
     args = parser.parse_args(argv)
@@ -100,14 +125,25 @@ def _interleave(args: argparse.Namespace, dirs: list[Path]) -> dict[str, list[di
     seen: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
     for rnd in range(args.rounds):
         for arm, directory in zip(args.arms, dirs):
-            row = one_start(directory, args.count, args.scratch)
+            if args.preload:
+                row = one_preload(directory)
+                print(f"round {rnd + 1} {arm}: preload {row['preload_cpu_ms']:.0f} ms of CPU", flush=True)
+            else:
+                row = one_start(directory, args.count, args.scratch)
+                print(f"round {rnd + 1} {arm}: ready {row['ready']:.2f} s, USS {row['uss_mb']:.3f} MB, "
+                      f"PSS {row['pss_mb']:.3f} MB", flush=True)
             seen[arm].append(row)
-            print(f"round {rnd + 1} {arm}: ready {row['ready']:.2f} s, USS {row['uss_mb']:.3f} MB, "
-                  f"PSS {row['pss_mb']:.3f} MB", flush=True)
     return seen
 
 
 def _report(args: argparse.Namespace, seen: dict[str, list[dict[str, float]]]) -> None:
+    if args.preload:
+        print(f"\nmedians over {args.rounds} rounds, the fork-server's preload:")
+        base = statistics.median(r["preload_cpu_ms"] for r in seen[args.arms[0]])
+        for arm in args.arms:
+            cpu = statistics.median(r["preload_cpu_ms"] for r in seen[arm])
+            print(f"  {arm}: {cpu:.0f} ms of CPU ({cpu / base:.2f}x the first)")
+        return
     print(f"\nmedians over {args.rounds} rounds, N = {args.count}:")
     first = None
     for arm in args.arms:
