@@ -12,6 +12,7 @@ makes every session refuse to start, with the reason, while the swarm itself run
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -149,11 +150,12 @@ def daemon_rulesets(spec: dict[str, Any] | None, workspaces: Path, grants: list[
     is ~10 (0.16 ms). Without ``handles`` (nothing to keep a shared layer in), or where the
     workspaces' directory cannot be had, one whole ruleset as ``daemon_ruleset`` builds it."""
     if handles is None:
-        policy = _daemon_policy(spec, workspaces, grants)
-        return {} if policy is None else {"ruleset": sandbox.prepare_landlock(policy)}
-    # The same for every daemon of a role (~0.3 ms each: ~170 paths checked and resolved)
-    policy = handles.derived(_daemon_policy_key(spec, workspaces, grants),
-                             lambda: _daemon_policy(spec, workspaces, grants))
+        ruleset = daemon_ruleset(spec, workspaces, grants)
+        return {} if ruleset is None else {"ruleset": ruleset}
+    # The same for every daemon of a role (~0.3 ms each: ~170 paths checked and resolved),
+    # so worked out once per generation of handles, keyed by all of its inputs.
+    key = json.dumps(["daemon policy", spec, str(workspaces), grants], sort_keys=True)
+    policy = handles.derived(key, lambda: _daemon_policy(spec, workspaces, grants))
     if policy is None:
         return {}
     try:
@@ -168,16 +170,6 @@ def daemon_rulesets(spec: dict[str, Any] | None, workspaces: Path, grants: list[
         os.close(fds["shared"])
         raise
     return fds
-
-
-def _daemon_policy_key(spec: dict[str, Any] | None, workspaces: Path,
-                       grants: list[dict[str, str]]) -> tuple[Any, ...]:
-    """Everything of its arguments that ``_daemon_policy`` reads."""
-    spec = spec or {}
-    return ("daemon policy", spec.get("kind"), spec.get("program"),
-            tuple(spec.get("extra_read") or ()), tuple(spec.get("read_only") or ()),
-            spec.get("read_only_checked_for"), str(workspaces),
-            tuple(g.get("file", "") for g in grants))
 
 
 def _daemon_policy(spec: dict[str, Any] | None, workspaces: Path,

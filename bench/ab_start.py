@@ -76,21 +76,22 @@ print(json.dumps({"preload_cpu_ms": 1000 * time.process_time()}))
 
 
 def one_preload(directory: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", _ONE_PRELOAD], cwd=directory, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(directory)}, timeout=120)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"ab_start: a preload in {directory} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return _run_in(directory, _ONE_PRELOAD, "a preload", timeout=120)
 
 
 def one_start(directory: Path, count: int, scratch: str) -> dict[str, float]:
     code = _ONE_START.replace("COUNT", str(count)).replace("SCRATCH", repr(scratch))
+    return _run_in(directory, code, "a start", timeout=600)
+
+
+def _run_in(directory: Path, code: str, what: str, timeout: float) -> dict[str, float]:
+    """Run ``code`` in a fresh interpreter with the arm's package first on its path; the
+    JSON object it prints last."""
     done = subprocess.run([sys.executable, "-c", code], cwd=directory, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(directory)}, timeout=600)
+                          env={**os.environ, "PYTHONPATH": str(directory)}, timeout=timeout)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"ab_start: a start in {directory} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"ab_start: {what} in {directory} failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 

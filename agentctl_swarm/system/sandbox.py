@@ -419,8 +419,8 @@ class PathHandles:
     def __init__(self, fresh_for: float = 2.0) -> None:
         self.fresh_for = fresh_for
         self._handles: dict[str, tuple[int, bool] | None] = {}
-        self._layers: dict[Any, tuple[int, SandboxPolicy]] = {}
         self._derived: dict[Any, Any] = {}
+        self._layer_fds: list[int] = []  # the shared layers among _derived, closed with it
         self._stale_at = 0.0
 
     def get(self, path: str) -> tuple[int, bool] | None:
@@ -435,11 +435,12 @@ class PathHandles:
         """``split_layers(policy, base)`` built from this generation's handles, once per
         generation and kept with it (its rules hold the same inodes); the descriptor
         stays ours, a caller hands on a ``dup``."""
-        self._renew_if_stale()
-        key = (policy, base)
-        if key not in self._layers:
-            self._layers[key] = split_layers(policy, base, self)
-        return self._layers[key]
+        def build() -> tuple[int, SandboxPolicy]:
+            layers = split_layers(policy, base, self)
+            self._layer_fds.append(layers[0])
+            return layers
+
+        return self.derived(("shared layer", policy, base), build)
 
     def derived(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()``, once per generation for ``key``: for what is worked out from the
@@ -468,12 +469,12 @@ class PathHandles:
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
-        layers, self._layers = self._layers, {}
+        layer_fds, self._layer_fds = self._layer_fds, []
         self._derived = {}
         for handle in handles.values():
             if handle is not None:
                 os.close(handle[0])
-        for fd, _own in layers.values():
+        for fd in layer_fds:
             os.close(fd)
 
 
